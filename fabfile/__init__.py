@@ -1,0 +1,16 @@
+"""booted: one machine as a small private cloud for a web service."""
+from invoke import Collection
+
+from . import deploy, envmanager, hostbuilder, hostmanager, monitor
+
+ns = Collection()
+for _task in (
+    envmanager.env_start_all, envmanager.env_start_min, envmanager.env_start_worker, envmanager.env_stop,
+    hostbuilder.image_build, hostbuilder.image_clone, hostbuilder.image_del, hostbuilder.image_list,
+    hostbuilder.image_start, hostbuilder.image_stop,
+    hostmanager.hosts_clear, hostmanager.hosts_filter, hostmanager.hosts_list, hostmanager.hosts_logged,
+    hostmanager.hosts_reset, hostmanager.restart_nginx,
+    monitor.monitor,
+    *deploy.tasks(),
+):
+    ns.add_task(_task)

@@ -1,0 +1,78 @@
+"""Images: build, clone, list, start, stop and delete machines through their provider."""
+from __future__ import annotations
+
+from .output import say, table
+from .taskutil import confirm, load_config, provider_for, resolve_image, task
+from .errors import BootedError, ProviderError
+
+
+@task(positional=["image"], help={"image": "image name", "provider": "virtualbox or local (default: the image's environment's)"})
+def image_build(c, image=None, provider=None):
+    """Build an image unattended (VirtualBox: kickstart install; local: Debian container)."""
+    cfg = load_config()
+    image, env, prov = resolve_image(cfg, image, provider)
+    machine = provider_for(cfg, prov).build(image, env)
+    say(f"built {machine.name} ({prov}): {machine.state}")
+
+
+@task(positional=["image"], help={"image": "the source image", "name": "the new image's name", "provider": "virtualbox or local"})
+def image_clone(c, image=None, name=None, provider=None):
+    """Clone an image (linked clone, fresh MAC addresses and identity)."""
+    cfg = load_config()
+    image, env, prov = resolve_image(cfg, image, provider)
+    new, new_env, _ = resolve_image(cfg, name, prov, flag="--name")
+    machine = provider_for(cfg, prov).clone(image, new, new_env or env)
+    say(f"cloned {image} -> {machine.name} ({prov}); MACs: {', '.join(machine.macs) or '-'}")
+
+
+@task(help={"provider": "list only this provider's images"})
+def image_list(c, provider=None):
+    """List images: provider, environment, state, MACs and addresses."""
+    cfg = load_config()
+    wanted = [provider] if provider else sorted({e.provider for e in cfg.environments.values()})
+    rows, failures = [], []
+    for name in wanted:
+        try:
+            machines = provider_for(cfg, name).list()
+        except BootedError as err:
+            failures.append(f"{name}: {err}")
+            continue
+        for m in sorted(machines, key=lambda m: m.name):
+            env = cfg.image_env(m.name)
+            rows.append([m.name, m.provider, env.name if env else "-", m.state,
+                         ",".join(m.macs) or "-", ",".join(m.addresses) or "-"])
+    say(table(["image", "provider", "env", "state", "macs", "addresses"], rows, empty="no images"))
+    if failures:
+        raise ProviderError("; ".join(failures))
+
+
+@task(positional=["image"], help={"image": "image name", "provider": "virtualbox or local"})
+def image_start(c, image=None, provider=None):
+    """Start an image headless; returns once it is running."""
+    cfg = load_config()
+    image, env, prov = resolve_image(cfg, image, provider)
+    machine = provider_for(cfg, prov).start(image)
+    say(f"{machine.name}: {machine.state}" + (f" ({', '.join(machine.addresses)})" if machine.addresses else ""))
+
+
+@task(positional=["image"], help={"image": "image name", "force": "power off at once", "provider": "virtualbox or local"})
+def image_stop(c, image=None, force=False, provider=None):
+    """Stop an image: clean shutdown with a timeout, then power off (--force: at once)."""
+    cfg = load_config()
+    image, env, prov = resolve_image(cfg, image, provider)
+    machine = provider_for(cfg, prov).stop(image, force=force)
+    say(f"{machine.name}: {machine.state}")
+
+
+@task(positional=["image"], help={"image": "image name", "yes": "do not ask", "provider": "virtualbox or local"})
+def image_del(c, image=None, yes=False, provider=None):
+    """Delete an image and its disks (refuses a running image)."""
+    cfg = load_config()
+    image, env, prov = resolve_image(cfg, image, provider)
+    prv = provider_for(cfg, prov)
+    machine = prv.require(image)
+    if machine.running:
+        raise ProviderError("is running; stop it first (fab image-stop --image NAME)", image=image)
+    confirm(f"delete image {image} and its disks?", yes)
+    prv.delete(image)
+    say(f"deleted {image}")

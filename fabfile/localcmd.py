@@ -1,0 +1,73 @@
+"""The one helper that runs local commands: argument lists only, never a shell string."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from .errors import CommandError
+
+
+@dataclass
+class CommandResult:
+    """What a finished command did."""
+
+    argv: list[str]
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.argv)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    input: str | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> CommandResult:
+    """Run ``argv`` (a list; no shell) and return its result; raise ``CommandError`` if ``check``."""
+    argv = [str(a) for a in argv]
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            input=input,
+            cwd=cwd,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise CommandError(f"command not found: {argv[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise CommandError(f"timed out after {timeout:g}s: {' '.join(argv[:3])}") from None
+    result = CommandResult(argv, proc.returncode, proc.stdout, proc.stderr)
+    if check and not result.ok:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise CommandError(
+            f"{' '.join(argv[:3])} failed (exit {result.returncode})"
+            + (f": {detail[-1]}" if detail else ""),
+            result,
+        )
+    return result
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)

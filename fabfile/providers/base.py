@@ -1,0 +1,80 @@
+"""The provider interface: where hosts come from.
+
+A provider manages *images*: named machines that boot into hosts (a VirtualBox VM, a local
+systemd-nspawn container). Tasks and the environment logic talk only to this interface.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Config, Environment
+
+RUNNING = "running"
+STOPPED = "poweroff"
+
+
+@dataclass
+class Machine:
+    """One image as its provider sees it."""
+
+    name: str
+    provider: str
+    state: str  # RUNNING, STOPPED, or a provider's own word ("aborted", "saved", ...)
+    macs: list[str] = field(default_factory=list)  # lower-case, colon-separated
+    addresses: list[str] = field(default_factory=list)
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+
+class Provider(abc.ABC):
+    """A source of hosts. Every method takes validated image names."""
+
+    name = "abstract"
+
+    def __init__(self, config: "Config"):
+        self.config = config
+        self.settings = config.provider_settings(self.name)
+
+    @abc.abstractmethod
+    def build(self, image: str, env: "Environment | None") -> Machine:
+        """Create ``image`` (install it, for VirtualBox) so that it can be started."""
+
+    @abc.abstractmethod
+    def clone(self, source: str, new: str, env: "Environment | None") -> Machine:
+        """Make ``new`` from ``source`` with its own identity (MACs, hostname, keys)."""
+
+    @abc.abstractmethod
+    def start(self, image: str) -> Machine:
+        """Boot ``image``; return once it is running (not necessarily reachable)."""
+
+    @abc.abstractmethod
+    def stop(self, image: str, force: bool = False) -> Machine:
+        """Shut ``image`` down cleanly (``force``: power off at once); wait with a timeout."""
+
+    @abc.abstractmethod
+    def delete(self, image: str) -> None:
+        """Remove ``image`` and its disks. Refuses a running image."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Machine]:
+        """Every image this provider knows, with state, MACs and addresses where known."""
+
+    def get(self, image: str) -> Machine | None:
+        for machine in self.list():
+            if machine.name == image:
+                return machine
+        return None
+
+    def require(self, image: str) -> Machine:
+        from ..errors import ProviderError
+
+        machine = self.get(image)
+        if machine is None:
+            raise ProviderError(f"no such {self.name} image (see `fab image-list`)", image=image)
+        return machine
