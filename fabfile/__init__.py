@@ -9,7 +9,7 @@ for _task in (
     hostbuilder.image_build, hostbuilder.image_clone, hostbuilder.image_del, hostbuilder.image_list,
     hostbuilder.image_start, hostbuilder.image_stop,
     hostmanager.hosts_clear, hostmanager.hosts_filter, hostmanager.hosts_list, hostmanager.hosts_logged,
-    hostmanager.hosts_reset, hostmanager.restart_nginx,
+    hostmanager.hosts_reset, hostmanager.restart_nginx, hostmanager.hosts_forget,
     monitor.monitor,
     *deploy.tasks(),
 ):

@@ -1,29 +1,57 @@
 """Environments: bring a whole environment up, to its minimum, one worker, or down."""
 from __future__ import annotations
 
-from .errors import NotAvailable
-from .taskutil import task
+from . import environment
+from .fanout import raise_if_failed, summary
+from .names import check
+from .output import say, table
+from .taskutil import load_config, task
+
+
+def _report(report: environment.EnvReport) -> None:
+    say("")
+    say(table(["image", "roles", "address"], report.hosts))
+    say(f"environment {report.env} is up at version {report.version}")
+    for url in report.urls:
+        say(f"load balancer: {url}    try: curl {url}   or   curl -d name=Ada {url}")
 
 
 @task(help={"env": "environment name from environments.yaml"})
 def env_start_all(c, env=None):
-    """Start every image of an environment, deploy its service, configure its load balancers."""
-    raise NotAvailable("env-start-all (environments)")
+    """Start all images of an environment, deploy, balance, check."""
+    cfg = load_config()
+    e = cfg.env(env)
+    _report(environment.bring_up(cfg, e, list(e.images)))
 
 
-@task(help={"env": "environment name", "pick_randomly": "choose workers at random"})
+@task(help={"env": "environment name", "pick_randomly": "choose the load balancer and workers at random"})
 def env_start_min(c, env=None, pick_randomly=False):
     """Start one load balancer and the minimum number of workers."""
-    raise NotAvailable("env-start-min (environments)")
+    cfg = load_config()
+    e = cfg.env(env)
+    _report(environment.bring_up(cfg, e, environment.pick_min(e, pick_randomly)))
 
 
-@task(help={"image": "worker image", "env": "environment name (default: the image's)"})
+@task(positional=["image"], help={"image": "worker image", "env": "environment name (default: the image's)"})
 def env_start_worker(c, image=None, env=None):
-    """(Re)start one worker image, deploy the service to it, add it to the load balancers."""
-    raise NotAvailable("env-start-worker (environments)")
+    """(Re)start one worker, deploy to it, add it to the load balancers."""
+    cfg = load_config()
+    from .errors import UsageError
+
+    if not image:
+        raise UsageError("--image NAME is required")
+    check("image", image, "--image")
+    e = cfg.env(env) if env else cfg.image_env(image)
+    if e is None:
+        raise UsageError(f"image {image!r} is in no environment; pass --env")
+    say(environment.start_worker(cfg, e, image))
 
 
 @task(help={"env": "environment name"})
 def env_stop(c, env=None):
-    """Stop every image of an environment; their hosts leave the inventory."""
-    raise NotAvailable("env-stop (environments)")
+    """Stop every image of an environment; its hosts leave the inventory."""
+    cfg = load_config()
+    e = cfg.env(env)
+    results = environment.stop_images(cfg, e, list(e.images))
+    say(summary(f"env-stop {e.name}", results))
+    raise_if_failed(f"env-stop {e.name}", results)

@@ -1,41 +1,92 @@
 """Hosts: the inventory learned from the booted log, SSH reachability, and booted's nginx."""
 from __future__ import annotations
 
-from .errors import NotAvailable
-from .taskutil import task
+from . import discovery, inventory, nginxctl, ssh
+from .errors import UsageError
+from .inventory import Inventory
+from .output import say
+from .taskutil import confirm, load_config, task
+
+
+def _logged(cfg, booted_log, full=False):
+    path = discovery.log_path(booted_log)
+    result = discovery.read_log(cfg, path, full=full)
+    summary = discovery.record(cfg, result)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result.skipped.items())) or "none"
+    say(f"read {result.lines} lines of {path}: {len(result.calls)} calls home; skipped: {skipped}")
+    parts = [f"added {len(summary.added)}", f"updated {len(summary.updated)}"]
+    if summary.unknown:
+        parts.append(f"unknown hosts {summary.unknown} ({', '.join(summary.unknown_names[:5])})")
+    if summary.misnamed:
+        parts.append(f"to rename {', '.join(summary.misnamed)}")
+    say("inventory: " + ", ".join(parts))
+
+
+def _filter(cfg):
+    results = discovery.filter_reachable(cfg)
+    up = sorted(a for a, ok in results.items() if ok)
+    down = sorted(a for a, ok in results.items() if not ok)
+    say(f"ssh: {len(up)} of {len(results)} hosts answer" + (f"; dropped: {', '.join(down)}" if down else ""))
+    for image, problem in discovery.fix_hostnames(cfg):
+        say(f"{image}: hostname " + (f"not set: {problem}" if problem else "set"))
 
 
 @task(help={"booted_log": "read this log instead of BOOTED_LOG"})
 def hosts_logged(c, booted_log=None):
-    """Record every host that called home (from the booted log) in the inventory."""
-    raise NotAvailable("hosts-logged (discovery)")
+    """Record every host that called home (booted log) in the inventory."""
+    _logged(load_config(), booted_log)
 
 
 @task
 def hosts_filter(c):
     """Keep only the inventory hosts that answer on SSH."""
-    raise NotAvailable("hosts-filter (discovery)")
+    _filter(load_config())
 
 
-@task(help={"format": "table (default), json, yaml or ansible"})
-def hosts_list(c, format="table"):
-    """List the hosts in the inventory."""
-    raise NotAvailable("hosts-list (discovery)")
+@task(help={"format": "table (default), json, yaml or ansible", "env": "only this environment"})
+def hosts_list(c, format="table", env=None):
+    """List the hosts in the inventory (table, json, yaml, ansible)."""
+    cfg = load_config()
+    if format not in inventory.FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(inventory.FORMATS)}, not {format!r}")
+    if env:
+        cfg.env(env)
+    entries = Inventory().hosts(env=env)
+    key, _ = ssh.keypair(cfg)
+    print(inventory.render(entries, format, ssh_user=ssh.user(cfg), ssh_key=key), end="" if format != "table" else "\n")
 
 
 @task(help={"yes": "do not ask"})
 def hosts_clear(c, yes=False):
     """Clear the inventory."""
-    raise NotAvailable("hosts-clear (discovery)")
+    confirm("forget every host in the inventory?", yes)
+    n = Inventory().clear()
+    say(f"inventory cleared ({n} hosts forgotten)")
 
 
 @task(help={"yes": "do not ask", "booted_log": "read this log instead of BOOTED_LOG"})
 def hosts_reset(c, yes=False, booted_log=None):
-    """Hard reset: clear the inventory, then read the booted log, then keep reachable hosts."""
-    raise NotAvailable("hosts-reset (discovery)")
+    """Clear the inventory, re-read the whole booted log, keep reachable hosts."""
+    cfg = load_config()
+    confirm("rebuild the inventory from the booted log?", yes)
+    Inventory().clear()
+    _logged(cfg, booted_log, full=True)
+    _filter(cfg)
 
 
 @task
 def restart_nginx(c):
-    """Render booted's nginx config, check it, rotate the booted log, start or reload nginx."""
-    raise NotAvailable("restart-nginx (discovery)")
+    """Render, check and (re)start booted's nginx; rotate the booted log."""
+    cfg = load_config()
+    action, rotated = nginxctl.restart(cfg)
+    say(f"nginx {action}: {nginxctl.status(cfg).url} (config {nginxctl.conf_path()})")
+    say(f"booted log: {nginxctl.booted_log_path()}" + (f" (previous moved to {rotated})" if rotated else ""))
+
+
+@task(help={"host": "address whose pinned SSH host key to forget"})
+def hosts_forget(c, host=None):
+    """Forget a host's pinned SSH key (after it was rebuilt)."""
+    if not host:
+        raise UsageError("--host ADDRESS is required")
+    ssh.forget(host)
+    say(f"forgot the pinned host key of {host}")

@@ -15,7 +15,7 @@ _PATTERNS = {
     "environment": re.compile(r"[a-z][a-z0-9-]{0,31}"),
     "service": re.compile(r"[a-z][a-z0-9_]{0,31}"),
     # a git tag, branch or commit; no '..', no leading '-', no whitespace or shell characters
-    "version": re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,99}"),
+    "version": re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"),
 }
 
 
@@ -29,7 +29,7 @@ def check(kind: str, value: object, where: str = "") -> str:
             "image": "letters, digits, '.', '-', '_' (up to 63, starting with a letter or digit)",
             "environment": "lower-case letters, digits and '-' (starting with a letter)",
             "service": "lower-case letters, digits and '_' (starting with a letter)",
-            "version": "a git tag or commit: letters, digits, '.', '_', '-', '/', '+'",
+            "version": "a git tag or commit: letters, digits, '.', '_', '-', '+'",
         }[kind]
         prefix = f"{where}: " if where else ""
         raise UsageError(f"{prefix}invalid {kind} name {value!r}: use {rule}")

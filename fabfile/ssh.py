@@ -93,12 +93,12 @@ class BootedConnection(Connection):
     """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
 
     def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None):
-        self._timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
+        connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
         private, _ = keypair(config)
         super().__init__(
             host,
             user=user_name or user(config),
-            connect_timeout=self._timeout,
+            connect_timeout=connect_timeout,
             connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
         )
         self.client.set_missing_host_key_policy(PinOnFirstUse())
@@ -109,7 +109,7 @@ class BootedConnection(Connection):
     def open(self):
         if not self.is_connected:
             try:
-                sock = socket.create_connection((self.host, self.port), timeout=self._timeout)
+                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
             except OSError as err:
                 raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -186,6 +186,57 @@ def run_raw(conn: Connection, command: str, *, check: bool = True, timeout: floa
     except Exception as err:  # invoke CommandTimedOut, paramiko errors
         raise HostError(conn.host, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}") from None
     result = RemoteResult(conn.host, command, res.exited, res.stdout, res.stderr)
+    if check and not result.ok:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise HostError(conn.host, f"command failed (exit {result.returncode})" + (f": {detail[-1]}" if detail else ""), result)
+    return result
+
+
+def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sudo: bool = False,
+                   check: bool = True, timeout: float = 120.0) -> RemoteResult:
+    """Run ``argv`` with ``data`` on its stdin over one SSH channel (no SFTP round trips).
+
+    Used to ship a release: the tarball streams straight into ``tar -x`` on the host.
+    """
+    import time as _time
+
+    command = quote(argv)
+    if sudo and conn.user != "root":
+        command = "sudo -n -- " + command
+    conn.open()
+    try:
+        chan = conn.client.get_transport().open_session(timeout=timeout)
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        if data:
+            chan.sendall(data)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        deadline = _time.monotonic() + timeout
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+            elif chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            elif chan.exit_status_ready():
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                break
+            else:
+                if _time.monotonic() > deadline:
+                    raise HostError(conn.host, f"command timed out after {timeout:g}s")
+                chan.status_event.wait(0.01)
+                if not (chan.recv_ready() or chan.recv_stderr_ready()):
+                    _time.sleep(0.002)
+        code = chan.recv_exit_status()
+        chan.close()
+    except BootedError:
+        raise
+    except (paramiko.SSHException, OSError, socket.timeout) as err:
+        raise HostError(conn.host, f"SSH failed: {err}") from None
+    result = RemoteResult(conn.host, command, code, out.decode(errors="replace"), err.decode(errors="replace"))
     if check and not result.ok:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
         raise HostError(conn.host, f"command failed (exit {result.returncode})" + (f": {detail[-1]}" if detail else ""), result)

@@ -1,0 +1,101 @@
+"""Host discovery: from the booted log to an inventory of reachable, correctly named hosts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import callhome, names, nginxctl, reach, ssh
+from .bootlog import BootedLog, ReadResult
+from .errors import BootedError
+from .inventory import HostEntry, Inventory, RecordSummary
+from .output import progress
+from .providers import Machine, get_provider
+
+# $1 hostname; stdin: the host's new call-home config.
+RENAME_SCRIPT = r"""
+set -eu
+cat > /etc/booted/callhome.conf.new
+chmod 600 /etc/booted/callhome.conf.new
+mv /etc/booted/callhome.conf.new /etc/booted/callhome.conf
+printf '%s\n' "$1" > /etc/hostname
+hostname "$1"
+"""
+
+
+def all_machines(cfg) -> list[Machine]:
+    """Every machine of every provider the config uses; a provider that can't answer is skipped."""
+    machines: list[Machine] = []
+    for name in sorted({e.provider for e in cfg.environments.values()}):
+        try:
+            machines += get_provider(name, cfg).list()
+        except BootedError as err:
+            progress(f"note: cannot list {name} images ({err}); matching by name only")
+    return machines
+
+
+def log_path(override: str | None = None) -> Path:
+    return Path(override) if override else nginxctl.booted_log_path()
+
+
+def read_log(cfg, path: Path, full: bool = False) -> ReadResult:
+    log = BootedLog(path, cfg)
+    return log.read_all() if full else log.read_new("hosts")
+
+
+def record(cfg, result: ReadResult) -> RecordSummary:
+    return Inventory().record_calls(result.calls, all_machines(cfg), cfg)
+
+
+def filter_reachable(cfg, timeout: float = 1.0) -> dict[str, bool]:
+    """Probe every inventory host's SSH port at once; drop the ones that don't answer."""
+    inv = Inventory()
+    entries = inv.load()
+    results = reach.probe_ssh([e.address for e in entries], timeout=timeout)
+    inv.mark_reachable(results)
+    with inv.update() as hosts:
+        for image in [i for i, e in hosts.items() if not e.reachable]:
+            del hosts[image]
+    return results
+
+
+def fix_hostnames(cfg) -> list[tuple[str, str]]:
+    """Give each host whose call-home name is not its image (a VirtualBox clone) its own name.
+
+    Over SSH: the hostname, and a call-home config with the image's own key. Returns
+    ``[(image, problem or "")]``.
+    """
+    inv = Inventory()
+    todo = [e for e in inv.load() if not e.hostname_ok and e.reachable is not False]
+    done = []
+    for entry in todo:
+        try:
+            rename_host(cfg, entry)
+            with inv.update() as hosts:
+                if entry.image in hosts:
+                    hosts[entry.image].name = entry.image
+                    hosts[entry.image].hostname_ok = True
+            done.append((entry.image, ""))
+        except BootedError as err:
+            done.append((entry.image, str(err)))
+    return done
+
+
+def rename_host(cfg, entry: HostEntry) -> None:
+    env = cfg.env(entry.env)
+    port = cfg.nginx["port"]
+    # The host reaches booted at the address its last call home went to; keep that URL.
+    conf_url = _callhome_url_for(cfg, env)
+    conf = callhome.host_config(env.name, entry.image, conf_url or callhome.callhome_url(entry.address, port))
+    with ssh.connect(entry.address, cfg) as conn:
+        ssh.run_with_input(conn, ["sh", "-c", RENAME_SCRIPT, "rename", names.hostname_for(entry.image)],
+                           conf.encode(), sudo=True, timeout=30)
+
+
+def _callhome_url_for(cfg, env) -> str | None:
+    port = cfg.nginx["port"]
+    if env.provider == "virtualbox":
+        return callhome.callhome_url(cfg.provider_settings("virtualbox")["host_address"], port)
+    if env.provider == "local":
+        from .localnet import Subnet
+
+        return callhome.callhome_url(Subnet.parse(cfg.provider_settings("local")["subnet"]).gateway, port)
+    return None
