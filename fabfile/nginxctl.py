@@ -32,12 +32,26 @@ def prefix() -> Path:
     return path
 
 
+WORKER_USER, WORKER_GROUP = "nobody", "nogroup"
+
+
+def share_with_workers(path: Path) -> None:
+    """Let nginx's workers (not root) read a 0640 file they serve: give it their group."""
+    if os.geteuid() == 0:
+        import grp
+
+        try:
+            os.chown(path, 0, grp.getgrnam(WORKER_GROUP).gr_gid)
+        except KeyError:
+            pass
+
+
 def render(config) -> str:
     port = config.nginx["port"]
     bind = config.nginx.get("bind") or ""
     return templates.render(TEMPLATE, dict(
         # Workers only read kickstarts and write nothing; as root, drop them to nobody.
-        user_line="user nobody nogroup;" if os.geteuid() == 0 else "",
+        user_line=f"user {WORKER_USER} {WORKER_GROUP};" if os.geteuid() == 0 else "",
         prefix=prefix(),
         listen=f"{bind}:{port}" if bind else str(port),
         callhome_path=callhome.CALLHOME_PATH,

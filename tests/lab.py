@@ -1,0 +1,252 @@
+"""A private lab for the real tests: its own state dir, config, bridge, subnet and nginx port.
+
+Everything the lab starts (containers, network namespaces, the bridge, booted's nginx) is torn
+down at the end of the session, also when tests fail. Nothing here touches an environment a user
+left running: every name is derived from the lab's own state dir.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_subnet() -> str:
+    """A /24 in 10.200-249.x.0 that no route on this machine overlaps."""
+    routes = json.loads(subprocess.run(["ip", "-j", "route", "show", "table", "all"], capture_output=True,
+                                       text=True).stdout or "[]")
+    used = []
+    for r in routes:
+        dst = r.get("dst", "")
+        if dst and dst != "default" and ":" not in dst:
+            try:
+                used.append(ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False))
+            except ValueError:
+                pass
+    seed = os.getpid()
+    for n in range(2500):
+        k = (seed + n * 7919) % 12800
+        net = ipaddress.ip_network(f"10.{200 + k // 256}.{k % 256}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise RuntimeError("no free 10.x subnet for the test lab")
+
+
+@dataclass
+class FabResult:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def __str__(self) -> str:
+        return f"$ {' '.join(self.argv)}  -> exit {self.returncode}\n{self.stdout}\n{self.stderr}"
+
+
+@dataclass
+class Lab:
+    root: Path
+    bridge: str
+    subnet: str
+    port: int
+    config_path: Path
+    extra_env: dict = field(default_factory=dict)
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def env(self, **extra: str) -> dict:
+        env = dict(os.environ)
+        env.update({
+            "BOOTED_STATE_DIR": str(self.state),
+            "BOOTED_CONFIG": str(self.config_path),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        })
+        for key in ("BOOTED_LOG", "BOOTED_USER", "HELLO_REPO", "BOOTED_SSH_KEY"):
+            env.pop(key, None)
+        env.update(self.extra_env)
+        env.update(extra)
+        return env
+
+    def fab(self, *args: str, timeout: float = 600, check: bool = False, **extra_env: str) -> FabResult:
+        argv = ["fab", *args]
+        proc = subprocess.run(argv, cwd=ROOT, env=self.env(**extra_env), capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+        result = FabResult(argv, proc.returncode, proc.stdout, proc.stderr)
+        if check and not result.ok:
+            raise AssertionError(str(result))
+        return result
+
+    @contextmanager
+    def activated(self):
+        """Point this process's booted code at the lab (for in-process checks and cleanup)."""
+        saved = {k: os.environ.get(k) for k in ("BOOTED_STATE_DIR", "BOOTED_CONFIG")}
+        os.environ["BOOTED_STATE_DIR"] = str(self.state)
+        os.environ["BOOTED_CONFIG"] = str(self.config_path)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def config(self):
+        from fabfile import config
+
+        return config.load(self.config_path)
+
+    def host_address(self, image: str) -> str:
+        data = json.loads((self.state / "local" / "hosts" / image / "host.json").read_text())
+        return data["address"]
+
+    def inventory(self) -> dict:
+        path = self.state / "inventory.json"
+        return json.loads(path.read_text())["hosts"] if path.exists() else {}
+
+    def ssh(self, image: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run a command on a lab host with OpenSSH (an independent check of what booted did)."""
+        key = self.state / "ssh" / "id_ed25519"
+        import shlex
+
+        return subprocess.run(
+            ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
+             f"booted@{self.host_address(image)}", " ".join(shlex.quote(a) for a in argv)],
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+
+    def teardown(self) -> None:
+        """Stop every container, namespace and nginx this lab started, and remove its bridge."""
+        hosts = self.state / "local" / "hosts"
+        pids = []
+        for folder in hosts.iterdir() if hosts.exists() else []:
+            try:
+                pid = int((folder / "nspawn.pid").read_text())
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if b"systemd-nspawn" in cmd and str(self.state).encode() in cmd:
+                pids.append(pid)
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            time.sleep(0.1)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        with self.activated():
+            from fabfile import localnet, nginxctl
+
+            for folder in hosts.iterdir() if hosts.exists() else []:
+                localnet.host_down(localnet.HostLink.for_image(folder.name))
+            localnet.remove_bridge(self.bridge)
+            nginxctl.stop()
+        # processes the tests started on this machine (load generators, monitors) end with the session
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+LAB_CONFIG = """\
+settings:
+  nginx: {{port: {port}}}
+  deploy: {{timeout_s: 60, parallel: 16}}
+providers:
+  local: {{bridge: {bridge}, subnet: {subnet}, boot_timeout_s: 60, stop_timeout_s: 20}}
+environments:
+  lab:
+    provider: local
+    images: [lab-lb, lab-w1, lab-w2, lab-w3]
+    roles:
+      loadbalancers: [lab-lb]
+      workers: [lab-w1, lab-w2, lab-w3]
+    service: hello
+    version: v1
+    workers: {{min: 1, max: 3}}
+    lb_port: 8080
+    monitor:
+      latency_high_ms: 150
+      latency_low_ms: 40
+      interval_s: 1
+      probes: 6
+      up_samples: 2
+      down_window_s: 4
+      up_cooldown_s: 2
+      down_cooldown_s: 4
+      health_failures: 2
+      warmup_timeout_s: 90
+  disco:
+    provider: local
+    images: [disco-1, disco-2, disco-3]
+    roles:
+      loadbalancers: [disco-1]
+      workers: [disco-1, disco-2, disco-3]
+    service: hello
+    version: v1
+"""
+
+
+def make_lab(root: Path) -> Lab:
+    root.mkdir(parents=True, exist_ok=True)
+    bridge = f"btst{os.getpid() % 100000:05d}"
+    lab = Lab(root=root, bridge=bridge, subnet=free_subnet(), port=free_port(), config_path=root / "environments.yaml")
+    lab.config_path.write_text(LAB_CONFIG.format(port=lab.port, bridge=lab.bridge, subnet=lab.subnet))
+    if os.environ.get("BOOTED_IMAGE_CACHE"):
+        lab.extra_env["BOOTED_IMAGE_CACHE"] = os.environ["BOOTED_IMAGE_CACHE"]
+    return lab
+
+
+def can_run_local_hosts() -> str | None:
+    """None if this machine can run the lab, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (systemd-nspawn, network namespaces)"
+    import shutil
+
+    for tool in ("systemd-nspawn", "debootstrap", "ip", "ssh"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (see .ci/run)"
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        return "nginx is not installed (see .ci/run)"
+    return None
+
+
+if __name__ == "__main__":  # python3 tests/lab.py: print a lab config for manual runs
+    print(LAB_CONFIG.format(port=free_port(), bridge="btstmanual", subnet=free_subnet()), file=sys.stdout)
