@@ -64,6 +64,26 @@ def deploy(cfg: Config, svc: services.Service, version: str | None, env_name: st
     return fan_out(hosts, one, label=lambda t: t.label, parallel=cfg.deploy["parallel"], quiet=quiet)
 
 
+def deploy_balanced_or_parallel(cfg: Config, svc: services.Service, version: str | None,
+                                env_name: str | None) -> list[HostResult]:
+    """hello-deploy: environments whose load balancer is up get a rolling deploy (users see no
+    failed request); workers without a live load balancer are deployed all at once."""
+    from . import environment
+
+    results: list[HostResult] = []
+    by_env: dict[str, list[Target]] = {}
+    for t in targets(cfg, svc.name, env_name):
+        by_env.setdefault(t.env.name, []).append(t)
+    for name, group in by_env.items():
+        env = cfg.env(name)
+        if environment.has_live_loadbalancer(cfg, env):
+            say(f"== {name}: rolling deploy behind its load balancer, one worker at a time")
+            results += environment.rolling_deploy(cfg, env, version)
+        else:
+            results += deploy(cfg, svc, version, name, images=[t.entry.image for t in group])
+    return results
+
+
 def rollback(cfg: Config, svc: services.Service, env_name: str | None) -> list[HostResult]:
     timeout = float(cfg.deploy["timeout_s"])
 
@@ -111,7 +131,7 @@ def _make(service: str, op: str):
         cfg = load_config()
         svc = services.get(service)
         if op == "deploy":
-            _finish(f"{service}-deploy", deploy(cfg, svc, version, env))
+            _finish(f"{service}-deploy", deploy_balanced_or_parallel(cfg, svc, version, env))
         elif op == "rollback":
             _finish(f"{service}-rollback", rollback(cfg, svc, env))
         elif op == "test":

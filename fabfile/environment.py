@@ -98,13 +98,7 @@ def wait_called_home(cfg: Config, env: Environment, started: dict[str, float | N
 
 def probe(cfg: Config, env: Environment, images: list[str]) -> None:
     """SSH reachability of the environment's hosts; fix clone hostnames. Raises if one is down."""
-    from . import reach
-
-    inv = Inventory()
-    entries = [e for e in inv.hosts(env=env.name) if e.image in images]
-    results = reach.probe_ssh([e.address for e in entries], timeout=2.0)
-    inv.mark_reachable(results)
-    down = [e.image for e in entries if not results.get(e.address)]
+    down = [i for i in refresh_reachability(cfg, env) if i in images]
     if down:
         raise BootedError(f"not answering on SSH: {', '.join(down)}")
     discovery.fix_hostnames(cfg)
@@ -158,6 +152,7 @@ def rolling_deploy(cfg: Config, env: Environment, version: str | None = None) ->
     svc = service_of(env)
     version = version or env.version
     rel = release.prepare(svc, version)
+    refresh_reachability(cfg, env)
     workers = loadbalancer.healthy_workers(cfg, env)
     results: list[HostResult] = []
     from . import ssh
@@ -183,6 +178,17 @@ def rolling_deploy(cfg: Config, env: Environment, version: str | None = None) ->
         say(f"{entry.image:<16} ok     {detail} (drained, switched, back in)")
         results.append(result)
     return results
+
+
+def refresh_reachability(cfg: Config, env: Environment) -> list[str]:
+    """Re-probe the environment's hosts on SSH; returns the images that stopped answering."""
+    from . import reach
+
+    inv = Inventory()
+    entries = inv.hosts(env=env.name)
+    results = reach.probe_ssh([e.address for e in entries], timeout=1.5)
+    inv.mark_reachable(results)
+    return [e.image for e in entries if not results.get(e.address)]
 
 
 def has_live_loadbalancer(cfg: Config, env: Environment) -> bool:

@@ -68,7 +68,7 @@ def render(env: Environment, upstreams: Iterable[Upstream]) -> str:
         "port": env.lb_port,
         "tries": max(2, min(live, 4)),
         "connect_timeout": "1s",
-        "read_timeout": "10s",
+        "read_timeout": "3s",
     })
 
 

@@ -101,9 +101,12 @@ def link_state(name: str) -> dict | None:
 def ensure_bridge(bridge: str, subnet: Subnet) -> None:
     if localcmd.which("ip") is None:
         raise BootedError("the `ip` command is missing: install iproute2 (apt-get install iproute2)")
-    state = link_state(bridge)
-    has_address = bool(state) and any(a.get("local") == subnet.gateway for a in state.get("addr_info", []))
-    apply(plan_bridge(bridge, subnet, present=state is not None, has_address=has_address))
+    from .state import locked
+
+    with locked("local-bridge"):  # hosts start in parallel; only one may create the bridge
+        state = link_state(bridge)
+        has_address = bool(state) and any(a.get("local") == subnet.gateway for a in state.get("addr_info", []))
+        apply(plan_bridge(bridge, subnet, present=state is not None, has_address=has_address))
 
 
 def remove_bridge(bridge: str) -> None:

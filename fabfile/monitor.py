@@ -1,11 +1,17 @@
 """monitor: hold an environment's response-time target by starting and stopping workers."""
 from __future__ import annotations
 
-from .errors import NotAvailable
-from .taskutil import task
+from invoke import Exit
+
+from . import monitord
+from .taskutil import load_config, task
 
 
-@task(help={"env": "environment name", "once": "evaluate once, print the decision, exit"})
+@task(help={"env": "environment name",
+            "once": "run one tick (probe, decide, act), print the decision, exit"})
 def monitor(c, env=None, once=False):
-    """Run the autoscaling monitor for an environment (foreground; Ctrl-C stops it)."""
-    raise NotAvailable("monitor (autoscaling)")
+    """Run the autoscaling monitor for an environment (foreground; Ctrl-C or SIGTERM stops it)."""
+    cfg = load_config()
+    code = monitord.run(cfg, cfg.env(env), once=once)
+    if code:
+        raise Exit(code=code)

@@ -213,6 +213,22 @@ environments:
       down_cooldown_s: 4
       health_failures: 2
       warmup_timeout_s: 90
+  dep:
+    provider: local
+    images: [dep-lb, dep-1, dep-2, dep-3]
+    roles:
+      loadbalancers: [dep-lb]
+      workers: [dep-1, dep-2, dep-3]
+    service: hello
+    version: v1
+  drill:
+    provider: local
+    images: [drill-lb, drill-w1, drill-w2, drill-w3]
+    roles:
+      loadbalancers: [drill-lb]
+      workers: [drill-w1, drill-w2, drill-w3]
+    service: hello
+    version: v1
   disco:
     provider: local
     images: [disco-1, disco-2, disco-3]

@@ -1,0 +1,103 @@
+"""Environments end to end on the local provider: one command brings one up behind a load balancer,
+a worker's death is invisible to users, and a rolling deploy drops no request."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from loadgen import SteadyLoad
+
+pytestmark = pytest.mark.local
+
+WORKERS = ["drill-w1", "drill-w2", "drill-w3"]
+
+
+@pytest.fixture(scope="module")
+def drill(lab):
+    result = lab.fab("env-start-all", "--env", "drill", timeout=1500)
+    assert result.ok, result
+    yield lab
+    lab.fab("env-stop", "--env", "drill", timeout=300)
+
+
+def lb_url(lab) -> str:
+    return f"http://{lab.host_address('drill-lb')}:8080/"
+
+
+def active_since(lab, image: str) -> str:
+    return lab.ssh(image, "systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "booted-hello").stdout.strip()
+
+
+def lb_log(lab) -> list[str]:
+    return lab.ssh("drill-lb", "sudo", "cat", "/var/log/nginx/booted-lb.log").stdout.splitlines()
+
+
+def test_env_start_all_brings_up_a_balanced_environment(drill):
+    with urllib.request.urlopen(lb_url(drill), timeout=5) as resp:
+        assert resp.status == 200 and resp.read().decode().strip() == "Hello World!"
+    hosts = {h["image"]: h for h in json.loads(drill.fab("hosts-list", "--env", "drill", "--format", "json",
+                                                           check=True).stdout)}
+    assert set(hosts) == {"drill-lb", *WORKERS}
+    conf = drill.ssh("drill-lb", "cat", "/etc/nginx/conf.d/booted-lb.conf").stdout
+    for image in WORKERS:
+        assert f"server {drill.host_address(image)}:9999" in conf
+
+
+def test_running_it_again_converges_without_restarting_healthy_hosts(drill):
+    before = {i: active_since(drill, i) for i in WORKERS}
+    result = drill.fab("env-start-all", "--env", "drill", timeout=600)
+    assert result.ok, result
+    assert result.stdout.count("already running") == 4
+    assert result.stdout.count("already serving v1") == 3
+    assert "load balancer: http://" in result.stdout
+    assert {i: active_since(drill, i) for i in WORKERS} == before
+
+
+def test_a_dying_worker_is_invisible_to_users(drill):
+    """Steady GETs through the load balancer while one worker's service is killed, then a worker
+    host is stopped: every request returns 200 and the load balancer's log shows the retries."""
+    drill.ssh("drill-lb", "sudo", "truncate", "-s", "0", "/var/log/nginx/booted-lb.log")
+    with SteadyLoad(lb_url(drill), rate=25, max_seconds=60) as load:
+        time.sleep(2)
+        killed = drill.ssh("drill-w1", "sudo", "systemctl", "kill", "--kill-who=main", "-s", "KILL", "booted-hello")
+        assert killed.returncode == 0, killed.stderr
+        time.sleep(3)
+        assert drill.fab("image-stop", "--image", "drill-w2", "--force").ok
+        time.sleep(4)
+        result = load.stop()
+    assert result.count > 150
+    assert result.failures == [], result.failures[:5]
+    retried = [line for line in lb_log(drill) if "upstream=" in line and ", " in line.split("upstream=")[1]]
+    assert retried, "the load balancer's log shows no retried request"
+    drill.fab("env-start-worker", "--image", "drill-w2", "--env", "drill", check=True, timeout=600)
+
+
+def test_rolling_deploy_drops_no_request_and_ends_on_the_new_version(drill):
+    drill.fab("env-start-all", "--env", "drill", check=True, timeout=600)
+    with SteadyLoad(lb_url(drill) + "version", rate=25, max_seconds=120) as load:
+        time.sleep(1)
+        result = drill.fab("hello-deploy", "--env", "drill", "--version", "v2", timeout=600)
+        time.sleep(1)
+        seen = load.stop()
+    assert result.ok, result
+    assert "rolling deploy" in result.stdout
+    assert seen.failures == [], seen.failures[:5]
+    versions = seen.bodies()
+    assert versions[0] == "v1" and versions[-1] == "v2"
+    for _ in range(6):
+        with urllib.request.urlopen(lb_url(drill) + "version", timeout=5) as resp:
+            assert resp.read().decode().strip() == "v2"
+
+
+def test_env_start_worker_and_env_stop(drill):
+    result = drill.fab("env-start-worker", "--image", "drill-lb", "--env", "drill")
+    assert result.returncode != 0 and "not a worker" in result.stderr
+    result = drill.fab("env-stop", "--env", "drill", timeout=300)
+    assert result.ok, result
+    listed = json.loads(drill.fab("hosts-list", "--env", "drill", "--format", "json", check=True).stdout)
+    assert listed == []
+    out = drill.fab("image-list", "--provider", "local", check=True).stdout
+    assert all("poweroff" in line for line in out.splitlines() if line.startswith("drill-"))
