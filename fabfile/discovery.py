@@ -21,10 +21,12 @@ hostname "$1"
 """
 
 
-def all_machines(cfg) -> list[Machine]:
-    """Every machine of every provider the config uses; a provider that can't answer is skipped."""
+def all_machines(cfg, providers: set[str] | None = None) -> list[Machine]:
+    """Every machine of the given providers (default: all the config uses); one that can't answer
+    is skipped with a note, and its hosts are matched by name."""
     machines: list[Machine] = []
-    for name in sorted({e.provider for e in cfg.environments.values()}):
+    wanted = providers if providers is not None else {e.provider for e in cfg.environments.values()}
+    for name in sorted(wanted):
         try:
             machines += get_provider(name, cfg).list()
         except BootedError as err:
@@ -42,7 +44,10 @@ def read_log(cfg, path: Path, full: bool = False) -> ReadResult:
 
 
 def record(cfg, result: ReadResult) -> RecordSummary:
-    return Inventory().record_calls(result.calls, all_machines(cfg), cfg)
+    """Record the calls of ``result``, matching them through the providers of their environments."""
+    providers = {cfg.environments[c.env].provider for c in result.calls if c.env in cfg.environments}
+    machines = all_machines(cfg, providers) if providers else []
+    return Inventory().record_calls(result.calls, machines, cfg)
 
 
 def filter_reachable(cfg, timeout: float = 1.0) -> dict[str, bool]:

@@ -335,6 +335,7 @@ class LocalProvider(Provider):
             raise ProviderError("the base image is missing; run `fab image-build --image NAME` first", image=image)
         if self._pid(host):
             return self._machine(host)
+        ensure_inotify_limits()
         localnet.ensure_bridge(self.bridge, self.subnet)
         localnet.host_up(host.link, self.bridge, self.subnet, host.address, host.mac)
         root = self.image_root()
@@ -356,8 +357,8 @@ class LocalProvider(Provider):
 
         def ssh_ready() -> bool:
             if proc.poll() is not None:
-                raise ProviderError(f"systemd-nspawn exited ({proc.returncode}); see {host.folder / 'console.log'}",
-                                    image=image)
+                raise ProviderError(f"systemd-nspawn exited ({proc.returncode}): {_last_error(host.folder / 'console.log')}"
+                                    f"; see {host.folder / 'console.log'}", image=image)
             try:
                 with socket.create_connection((host.address, 22), timeout=0.5):
                     return True
@@ -444,6 +445,35 @@ class LocalProvider(Provider):
     def teardown_network(self) -> None:
         """Remove the bridge (tests; or a user cleaning up after every local host is gone)."""
         localnet.remove_bridge(self.bridge)
+
+
+# Each container's systemd takes several inotify instances; the kernel's default of 128 per user
+# runs out at a few dozen hosts ("Failed to allocate manager object: Too many open files").
+INOTIFY_MINIMUMS = {"max_user_instances": 2048, "max_user_watches": 524288}
+
+
+def ensure_inotify_limits() -> None:
+    for name, minimum in INOTIFY_MINIMUMS.items():
+        path = Path("/proc/sys/fs/inotify") / name
+        try:
+            if int(path.read_text()) < minimum:
+                path.write_text(f"{minimum}\n")
+                progress(f"local: raised fs.inotify.{name} to {minimum} so many hosts can boot")
+        except (OSError, ValueError):
+            pass  # not root or no procfs: nspawn will say so if it matters
+
+
+def _last_error(console: Path) -> str:
+    """The last line of a console log that looks like an error, without terminal colours."""
+    import re
+
+    try:
+        lines = console.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no console output"
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in lines]
+    errors = [line for line in plain if line and ("Fail" in line or "rror" in line) and "symlink" not in line]
+    return (errors or [line for line in plain if line] or ["no console output"])[-1][:160]
 
 
 def _alive(pid: int) -> bool:
