@@ -229,6 +229,14 @@ environments:
       workers: [drill-w1, drill-w2, drill-w3]
     service: hello
     version: v1
+  solo:
+    provider: local
+    images: [solo-box]
+    roles:
+      loadbalancers: [solo-box]
+      workers: [solo-box]
+    service: hello
+    version: v2
   disco:
     provider: local
     images: [disco-1, disco-2, disco-3]

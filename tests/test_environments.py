@@ -101,3 +101,18 @@ def test_env_start_worker_and_env_stop(drill):
     assert listed == []
     out = drill.fab("image-list", "--provider", "local", check=True).stdout
     assert all("poweroff" in line for line in out.splitlines() if line.startswith("drill-"))
+
+
+def test_one_image_as_load_balancer_and_worker(lab):
+    """dev and test environments put both roles on one image: nginx and the service side by side."""
+    try:
+        result = lab.fab("env-start-all", "--env", "solo", timeout=900)
+        assert result.ok, result
+        url = f"http://{lab.host_address('solo-box')}:8080/"
+        with urllib.request.urlopen(url + "version", timeout=5) as resp:
+            assert resp.read().decode().strip() == "v2"
+        req = urllib.request.Request(url, data=b"name=Ada", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.read().decode().strip() == "Hello Ada World!"
+    finally:
+        lab.fab("env-stop", "--env", "solo", timeout=300)
