@@ -68,7 +68,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _load_yaml(path: Path) -> Any:
+def load_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -92,7 +92,7 @@ def _load_yaml(path: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- schema checking
-class _Checker:
+class Checker:
     """Walks the loaded document with key paths, raising ConfigError at the first mistake."""
 
     def __init__(self, path: str):
@@ -109,7 +109,7 @@ class _Checker:
             value = _Mapping()
             value.line, value.key_lines = None, {}
         if not isinstance(value, dict):
-            self.fail(keypath, f"must be a mapping, not {_kind(value)}", parent, key)
+            self.fail(keypath, f"must be a mapping, not {kind_of(value)}", parent, key)
         return value
 
     def fields(self, mapping: _Mapping, keypath: str, spec: dict[str, tuple]) -> dict[str, Any]:
@@ -129,7 +129,7 @@ class _Checker:
             value = mapping[key]
             if types and not _is_type(value, types):
                 want = " or ".join(_TYPE_NAMES[t] for t in types)
-                self.fail(sub, f"must be {want}, not {_kind(value)}", mapping, key)
+                self.fail(sub, f"must be {want}, not {kind_of(value)}", mapping, key)
             if rest:
                 problem = rest[0](value)
                 if problem:
@@ -150,7 +150,7 @@ def _is_type(value: Any, types: tuple) -> bool:
     return isinstance(value, tuple(t for t in types if t is not bool))
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     if value is None:
         return "empty"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
@@ -162,7 +162,7 @@ def _join(keypath: str, key: str) -> str:
     return f"{keypath}.{key}" if keypath else key
 
 
-def _positive(value: Any) -> str | None:
+def positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
@@ -170,11 +170,11 @@ def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must be 0 or more"
 
 
-def _port(value: Any) -> str | None:
+def valid_port(value: Any) -> str | None:
     return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
 
 
-def _name(kind: str):
+def valid_name(kind: str):
     def check(value: Any) -> str | None:
         try:
             names.check(kind, value)
@@ -286,7 +286,7 @@ class Config:
 
 _PROVIDER_SPECS: dict[str, dict[str, tuple]] = {
     "virtualbox": {
-        "cpus": ((int,), 1, _positive),
+        "cpus": ((int,), 1, positive),
         "memory_mb": ((int,), 2048, lambda v: None if v >= 512 else "must be at least 512"),
         "disk_mb": ((int,), 20480, lambda v: None if v >= 4096 else "must be at least 4096"),
         "os_type": ((str,), "RedHat9_64"),
@@ -295,32 +295,32 @@ _PROVIDER_SPECS: dict[str, dict[str, tuple]] = {
         "nic_type": ((str,), "82540EM"),
         "iso": ((str,), "iso/install.iso"),
         "iso_sha256": ((str,), "", _sha256),
-        "build_timeout_s": ((int, float), 3600, _positive),
-        "stop_timeout_s": ((int, float), 90, _positive),
-        "boot_timeout_s": ((int, float), 300, _positive),
+        "build_timeout_s": ((int, float), 3600, positive),
+        "stop_timeout_s": ((int, float), 90, positive),
+        "boot_timeout_s": ((int, float), 300, positive),
     },
     "local": {
         "bridge": ((str,), "booted0", _ifname),
         "subnet": ((str,), "10.77.0.0/24", _network),
         "suite": ((str,), "bookworm"),
-        "boot_timeout_s": ((int, float), 60, _positive),
-        "stop_timeout_s": ((int, float), 30, _positive),
+        "boot_timeout_s": ((int, float), 60, positive),
+        "stop_timeout_s": ((int, float), 30, positive),
     },
 }
 
 _MONITOR_SPEC = {
-    "latency_high_ms": ((int, float), 300.0, _positive),
-    "latency_low_ms": ((int, float), 60.0, _positive),
+    "latency_high_ms": ((int, float), 300.0, positive),
+    "latency_low_ms": ((int, float), 60.0, positive),
     "max_error_rate": ((int, float), 0.0, lambda v: None if 0 <= v < 1 else "must be from 0 up to 1"),
-    "interval_s": ((int, float), 15.0, _positive),
-    "probes": ((int,), 8, _positive),
-    "probe_timeout_s": ((int, float), 3.0, _positive),
-    "up_samples": ((int,), 3, _positive),
+    "interval_s": ((int, float), 15.0, positive),
+    "probes": ((int,), 8, positive),
+    "probe_timeout_s": ((int, float), 3.0, positive),
+    "up_samples": ((int,), 3, positive),
     "down_window_s": ((int, float), 300.0, _non_negative),
     "up_cooldown_s": ((int, float), 60.0, _non_negative),
     "down_cooldown_s": ((int, float), 300.0, _non_negative),
-    "health_failures": ((int,), 3, _positive),
-    "warmup_timeout_s": ((int, float), 180.0, _positive),
+    "health_failures": ((int,), 3, positive),
+    "warmup_timeout_s": ((int, float), 180.0, positive),
 }
 
 
@@ -331,9 +331,9 @@ def default_config_path() -> Path:
 def load(path: str | os.PathLike | None = None) -> Config:
     """Load and validate environments.yaml (``BOOTED_CONFIG`` or the project's)."""
     path = Path(path) if path else default_config_path()
-    doc = _load_yaml(path)
+    doc = load_yaml(path)
     where = str(path)
-    chk = _Checker(where)
+    chk = Checker(where)
     if doc is None:
         raise ConfigError(where, "file is empty")
     top = chk.mapping(doc, "")
@@ -348,17 +348,17 @@ def load(path: str | os.PathLike | None = None) -> Config:
     s = chk.fields(settings, "settings", {"ssh": ((dict,), None), "nginx": ((dict,), None), "deploy": ((dict,), None)})
     ssh = chk.fields(chk.mapping(s["ssh"], "settings.ssh"), "settings.ssh", {
         "user": ((str,), "booted", lambda v: None if v.replace("-", "").replace("_", "").isalnum() else "must be a user name"),
-        "connect_timeout_s": ((int, float), 5, _positive),
+        "connect_timeout_s": ((int, float), 5, positive),
         "key": ((str,), ""),
     })
     nginx = chk.fields(chk.mapping(s["nginx"], "settings.nginx"), "settings.nginx", {
-        "port": ((int,), 8480, _port),
+        "port": ((int,), 8480, valid_port),
         "bind": ((str,), "", lambda v: None if v == "" else _ipv4(v)),
     })
     deploy = chk.fields(chk.mapping(s["deploy"], "settings.deploy"), "settings.deploy", {
-        "parallel": ((int,), 32, _positive),
+        "parallel": ((int,), 32, positive),
         "keep_releases": ((int,), 5, lambda v: None if v >= 2 else "must be at least 2"),
-        "timeout_s": ((int, float), 120, _positive),
+        "timeout_s": ((int, float), 120, positive),
     })
 
     providers_doc = chk.mapping(top_fields["providers"], "providers", top, "providers")
@@ -375,7 +375,7 @@ def load(path: str | os.PathLike | None = None) -> Config:
     owner: dict[str, str] = {}
     for name, body in envs_doc.items():
         kp = f"environments.{name}"
-        problem = _name("environment")(name)
+        problem = valid_name("environment")(name)
         if problem:
             chk.fail(kp, problem, envs_doc, name)
         env = _load_env(chk, name, chk.mapping(body, kp, envs_doc, name), kp)
@@ -387,15 +387,15 @@ def load(path: str | os.PathLike | None = None) -> Config:
     return Config(where, environments, providers, ssh, nginx, deploy)
 
 
-def _load_env(chk: _Checker, name: str, body: _Mapping, kp: str) -> Environment:
+def _load_env(chk: Checker, name: str, body: _Mapping, kp: str) -> Environment:
     f = chk.fields(body, kp, {
         "provider": ((str,), REQUIRED, lambda v: None if v in PROVIDERS else f"unknown provider {v!r} (known: {', '.join(PROVIDERS)})"),
         "images": ((list,), REQUIRED),
         "roles": ((dict,), REQUIRED),
-        "service": ((str,), REQUIRED, _name("service")),
+        "service": ((str,), REQUIRED, valid_name("service")),
         "version": ((str, int, float), REQUIRED),
         "workers": ((dict,), None),
-        "lb_port": ((int,), 8080, _port),
+        "lb_port": ((int,), 8080, valid_port),
         "monitor": ((dict,), None),
     })
     images = f["images"]
@@ -404,8 +404,8 @@ def _load_env(chk: _Checker, name: str, body: _Mapping, kp: str) -> Environment:
     seen = set()
     for i, image in enumerate(images):
         if not isinstance(image, str):
-            chk.fail(f"{kp}.images[{i}]", f"must be a string, not {_kind(image)}", body, "images")
-        problem = _name("image")(image)
+            chk.fail(f"{kp}.images[{i}]", f"must be a string, not {kind_of(image)}", body, "images")
+        problem = valid_name("image")(image)
         if problem:
             chk.fail(f"{kp}.images[{i}]", problem, body, "images")
         if image in seen:
@@ -423,13 +423,13 @@ def _load_env(chk: _Checker, name: str, body: _Mapping, kp: str) -> Environment:
         if len(set(members)) != len(members):
             chk.fail(rkp, "names an image twice", roles_map, role)
     version = str(f["version"])
-    problem = _name("version")(version)
+    problem = valid_name("version")(version)
     if problem:
         chk.fail(f"{kp}.version", problem, body, "version")
     workers_map = chk.mapping(f["workers"], f"{kp}.workers", body, "workers")
     w = chk.fields(workers_map, f"{kp}.workers", {
         "min": ((int,), 1, lambda v: None if v >= 1 else "must be at least 1"),
-        "max": ((int,), len(roles["workers"]), _positive),
+        "max": ((int,), len(roles["workers"]), positive),
     })
     if w["max"] < w["min"]:
         chk.fail(f"{kp}.workers.max", f"is {w['max']}, below workers.min ({w['min']})", workers_map, "max")

@@ -155,4 +155,4 @@ def _make(service: str, op: str):
 
 
 def tasks():
-    return [_make(name, op) for name in services.discover() for op in _OPS]
+    return [_make(name, op) for name in services.names() for op in _OPS]

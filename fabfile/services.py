@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names as names_mod
-from .config import REQUIRED, _Checker, _kind, _load_yaml, _name, _port, _positive
+from .config import REQUIRED, Checker, kind_of, load_yaml, valid_name, valid_port, positive
 from .errors import ConfigError, UsageError
 from .state import PROJECT_ROOT, state_path
 
@@ -98,18 +98,18 @@ def load_manifest(path: str | os.PathLike) -> Service:
     """Load and check one service.yaml; the service's folder is the file's directory."""
     path = Path(path)
     where = str(path)
-    doc = _load_yaml(path)
+    doc = load_yaml(path)
     if doc is None:
         raise ConfigError(where, "file is empty")
-    chk = _Checker(where)
+    chk = Checker(where)
     top = chk.mapping(doc, "")
     f = chk.fields(top, "", {
-        "name": ((str,), REQUIRED, _name("service")),
-        "port": ((int,), REQUIRED, _port),
+        "name": ((str,), REQUIRED, valid_name("service")),
+        "port": ((int,), REQUIRED, valid_port),
         "health": ((str,), REQUIRED, _http_path),
         "run": ((list,), REQUIRED, _argv),
         "test": ((list,), REQUIRED, _argv),
-        "test_timeout_s": ((int, float), 120, _positive),
+        "test_timeout_s": ((int, float), 120, positive),
         "env": ((dict,), None),
     })
     folder = path.parent.name
@@ -121,7 +121,7 @@ def load_manifest(path: str | os.PathLike) -> Service:
         if not _ENV_NAME.fullmatch(key):
             chk.fail(f"env.{key}", "is not an environment variable name", env_map, key)
         if not isinstance(value, str):
-            chk.fail(f"env.{key}", f"must be a string (quote it), not {_kind(value)}", env_map, key)
+            chk.fail(f"env.{key}", f"must be a string (quote it), not {kind_of(value)}", env_map, key)
         env[key] = value
     return Service(
         name=f["name"],
@@ -190,7 +190,7 @@ def _argv(value: Any) -> str | None:
         return "must be a non-empty list of arguments"
     for i, arg in enumerate(value):
         if not isinstance(arg, str):
-            return f"item {i} must be a string (quote numbers), not {_kind(arg)}"
+            return f"item {i} must be a string (quote numbers), not {kind_of(arg)}"
         if not arg:
             return f"item {i} is empty"
     return None

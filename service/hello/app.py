@@ -352,8 +352,6 @@ class HelloServer(ThreadingHTTPServer):
     def track(self, handler: HelloHandler) -> None:
         with self._conn_lock:
             self._handlers.add(handler)
-            if self.stopping:   # accepted just before the listener stopped: serve nothing more
-                handler.close_connection = True
 
     def untrack(self, handler: HelloHandler) -> None:
         with self._conn_lock:
