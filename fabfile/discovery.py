@@ -10,7 +10,8 @@ from .inventory import HostEntry, Inventory, RecordSummary
 from .output import progress
 from .providers import Machine, get_provider
 
-# $1 hostname; stdin: the host's new call-home config.
+# $1 hostname; stdin: the host's new call-home config. A VirtualBox clone inherits its source's
+# name, call-home key and SSH host keys; this gives it its own.
 RENAME_SCRIPT = r"""
 set -eu
 cat > /etc/booted/callhome.conf.new
@@ -18,6 +19,9 @@ chmod 600 /etc/booted/callhome.conf.new
 mv /etc/booted/callhome.conf.new /etc/booted/callhome.conf
 printf '%s\n' "$1" > /etc/hostname
 hostname "$1"
+rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+ssh-keygen -A >/dev/null
+systemctl restart sshd 2>/dev/null || systemctl restart ssh
 """
 
 
@@ -93,6 +97,8 @@ def rename_host(cfg, entry: HostEntry) -> None:
     with ssh.connect(entry.address, cfg) as conn:
         ssh.run_with_input(conn, ["sh", "-c", RENAME_SCRIPT, "rename", names.hostname_for(entry.image)],
                            conf.encode(), sudo=True, timeout=30)
+    # its new host keys are pinned on the next contact
+    ssh.forget(entry.address)
 
 
 def _callhome_url_for(cfg, env) -> str | None:

@@ -207,6 +207,7 @@ def render_kickstart(config, env, image: str, *, nics: Sequence[str] = NIC_DEVIC
     files[callhome.CONF_PATH] = (callhome.host_config(env.name, image, url), 0o600)
     files[SUDOERS_PATH] = (f"# written by booted: its login user runs sudo without a password (it has none)\n"
                            f"{user} ALL=(ALL) NOPASSWD: ALL\n", 0o440)
+    files[NM_DHCP_PATH] = (NM_DHCP_CONF, 0o644)
     values = {
         "image": image,
         "env": env.name,
@@ -221,6 +222,12 @@ def render_kickstart(config, env, image: str, *, nics: Sequence[str] = NIC_DEVIC
         "restorecon_paths": " ".join(shlex.quote(p) for p in sorted({*files, *(str(Path(f).parent) for f in files)})),
     }
     return string.Template(TEMPLATE.read_text()).substitute(values)
+
+
+# Lease by MAC, not by a DUID made from /etc/machine-id: a VirtualBox clone keeps its source's
+# machine-id and would otherwise be given its source's address despite its fresh MAC.
+NM_DHCP_PATH = "/etc/NetworkManager/conf.d/90-booted-dhcp.conf"
+NM_DHCP_CONF = "# written by booted\n[connection]\nipv4.dhcp-client-id=mac\n"
 
 
 def kickstart_path(image: str) -> Path:

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import http.client
+import json
 import os
 import signal
 import sys
@@ -32,8 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
+from . import environment, loadbalancer
 from .config import Config, Environment
 from .errors import BootedError
+from .inventory import Inventory
 from .scaling import (ABANDON, DOWN, HOLD, REPLACE, UP, Decision, Observation, Policy, PolicyState, Sample,
                       percentile)
 from .state import atomic_write_json, locked, state_path
@@ -131,19 +134,17 @@ class EnvironmentWorld:
     """A real environment: its provider, inventory, load balancers and workers."""
 
     def __init__(self, cfg: Config, env: Environment):
-        from . import environment
-
         self.cfg, self.env = cfg, env
         self.service = environment.service_of(env)
 
     def observe(self, should_stop: Callable[[], bool]) -> Observation | None:
-        from . import environment, loadbalancer
-        from .inventory import Inventory
-
         settings = self.env.monitor
         machines = {m.name: m for m in environment.provider_of(self.cfg, self.env).list()}
         running = frozenset(w for w in self.env.workers if w in machines and machines[w].running)
         entries = {e.image: e for e in Inventory().hosts(env=self.env.name)}
+        lbs = [e for e in entries.values() if "loadbalancers" in e.roles]
+        if not lbs:  # the environment was never started, or was stopped: the monitor keeps its hands off
+            return Observation(None, running, {}, "no load balancer in the inventory", env_up=False)
         targets = [(lb.address, self.env.lb_port) for lb in loadbalancer.loadbalancers(self.cfg, self.env)]
         sample, why = measure(targets, settings.probes, settings.probe_timeout_s, should_stop)
         healthy: dict[str, bool] = {}
@@ -159,13 +160,9 @@ class EnvironmentWorld:
         return Observation(sample, running, healthy, why)
 
     def start_worker(self, image: str) -> str:
-        from . import environment
-
         return environment.start_worker(self.cfg, self.env, image)
 
     def stop_image(self, image: str) -> None:
-        from . import environment
-
         environment.stop_image(self.cfg, self.env, image)
 
 
@@ -207,8 +204,6 @@ class StateStore:
 
     def load(self) -> PolicyState:
         """The saved state (a fresh one if there is none); workers no longer declared are dropped."""
-        import json
-
         with locked(self.lock):
             try:
                 text = self.path.read_text()
@@ -220,7 +215,8 @@ class StateStore:
         except ValueError as err:
             raise BootedError(f"{self.path}: not valid JSON ({err}); {hint}") from None
         if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION or doc.get("env") != self.env:
-            raise BootedError(f"{self.path}: expected version {STATE_VERSION} state of environment {self.env!r}; {hint}")
+            raise BootedError(f"{self.path}: expected version {STATE_VERSION} state of environment "
+                              f"{self.env!r}; {hint}")
         try:
             st = PolicyState.from_dict(doc.get("policy"))
         except ValueError as err:
@@ -234,8 +230,11 @@ class StateStore:
     def save(self, st: PolicyState, now: float) -> None:
         doc = {"version": STATE_VERSION, "env": self.env, "pid": os.getpid(), "saved_at": now,
                "policy": st.to_dict()}
-        with locked(self.lock):
-            atomic_write_json(self.path, doc)
+        try:
+            with locked(self.lock):
+                atomic_write_json(self.path, doc)
+        except OSError as err:
+            raise BootedError(f"{self.path}: cannot save the monitor's state: {err.strerror or err}") from None
 
 
 @contextlib.contextmanager
@@ -308,6 +307,7 @@ class Monitor:
                  signals: Signals, clock: Callable[[], float] = time.time):
         self.env, self.policy, self.world, self.store, self.log = env, policy, world, store, log
         self.signals, self.clock = signals, clock
+        self._saved: dict | None = None
 
     def run(self, once: bool = False) -> int:
         """Tick until a signal (or once); 0 after a clean stop, 130 if a step was abandoned."""
@@ -323,6 +323,9 @@ class Monitor:
                 if once:
                     return 0
                 self.signals.sleep(s.interval_s - (time.monotonic() - started))
+        except BootedError as err:  # e.g. the state cannot be saved: acting on without it would be blind
+            self.log.write(f"stopped: {err}")
+            raise
         except StepAbandoned as sig:
             self.save()
             under_way = sorted({*self.policy.state.pending, *self.policy.state.stopping})
@@ -352,7 +355,14 @@ class Monitor:
         return decision
 
     def save(self) -> None:
-        self.store.save(self.policy.state, self.clock())
+        """Save the policy's state if it changed (beyond the time of the last sample: saving each
+        tick would fsync once a second, and a restart that finds an older sample time just starts
+        its streaks afresh, which is the safe side)."""
+        current = self.policy.state.to_dict()
+        current.pop("last_sample_at")
+        if current != self._saved:
+            self.store.save(self.policy.state, self.clock())
+            self._saved = current
 
     def act(self, decision: Decision) -> None:
         if decision.action == HOLD:
@@ -378,7 +388,7 @@ class Monitor:
                 image = decision.images[0]
                 try:
                     self.world.stop_image(image)
-                    self.log.write(f"done: stopped {image}, which did not come up")
+                    self.log.write(f"done: stopped {image}; its start is undone")
                 except Exception as err:
                     self.log.write(f"failed: stopping {image}: {_describe(err)}")
         finally:
@@ -401,6 +411,8 @@ class Monitor:
             with contextlib.suppress(Exception):
                 self.world.stop_image(image)  # don't leave a half-started worker behind
             return False
+        self.policy.started(self.clock(), image)
+        self.save()
         self.log.write(f"done: {'replaced' if kind == 'replace' else 'started'} {image} in "
                        f"{time.monotonic() - began:.0f}s ({detail}); in the load balancer, pending its health check")
         return True

@@ -6,15 +6,19 @@ Modelled on Kubernetes' HPA and AWS target tracking (docs: /work/shared/referenc
   above ``max_error_rate``) add one worker, two if p95 is twice the limit; then ``up_cooldown_s``;
 * **down slowly**: only after every sample of the last ``down_window_s`` was good (p95 below
   ``latency_low_ms``, no errors) and ``down_cooldown_s`` after the last change; one worker a step;
-* **never on missing data**: a tick whose load-balancer probe got no answer changes nothing and
-  breaks the good window; a gap in the samples (monitor stopped or busy) starts the streaks afresh;
+* **never on missing data**: a tick whose load-balancer probes got no answer removes nothing; it
+  breaks the good window (and neither extends nor breaks a bad streak); a gap in the samples
+  (monitor stopped or busy) starts the streaks afresh, as does every capacity change;
 * **warm-up**: a started worker is *pending* until it passes its health check; while one is pending
   no scaling step is taken; one that is not healthy ``warmup_timeout_s`` after its start is stopped
-  and does not count as capacity (its start is retried after a back-off);
+  and does not count as capacity (its start is retried after a back-off); a start that was
+  interrupted (the monitor was stopped during it) is undone, and redone if still needed;
 * **bounds**: below ``min_workers`` start workers whatever the latency; above ``max_workers`` stop them;
 * **replacement**: a worker failing ``health_failures`` health checks in a row is replaced (stopped
   and started again), cooldowns notwithstanding; only while the load balancer answers, so a monitor
-  that lost its network does not restart healthy workers.
+  that lost its network does not restart healthy workers; never one that is also a load balancer;
+* **hands off** an environment that is not up (no load balancer in the inventory): ``env-stop``
+  is not undone by the monitor.
 
 Every method takes ``now`` (epoch seconds), so tests drive it with a fake clock and the state
 (``PolicyState``, plain data) survives a restart of the monitor.
@@ -53,6 +57,7 @@ class Observation:
     running: frozenset[str]  # the environment's workers whose machine runs
     healthy: Mapping[str, bool] = field(default_factory=dict)  # running worker -> passed its health check
     no_data: str = ""  # why ``sample`` is None
+    env_up: bool = True  # False: the environment has no load balancer (never started, or stopped): hands off
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ def percentile(values: Iterable[float], pct: float) -> float:
 class Pending:
     since: float
     kind: str  # "up" (adds capacity) or "replace"
+    done: bool = False  # the step finished: deployed and in the load balancer; only the health check is due
 
 
 @dataclass
@@ -127,10 +133,11 @@ class PolicyState:
         if not isinstance(pending, dict):
             raise ValueError("policy.pending: must be a mapping")
         for image, p in pending.items():
-            if (not isinstance(p, dict) or set(p) != {"since", "kind"} or not _is_time(p["since"])
-                    or p["kind"] not in PENDING_KINDS):
-                raise ValueError(f"policy.pending.{image}: must be {{since: <time>, kind: up|replace}}")
-            st.pending[str(image)] = Pending(float(p["since"]), p["kind"])
+            if (not isinstance(p, dict) or set(p) != {"since", "kind", "done"} or not _is_time(p["since"])
+                    or p["kind"] not in PENDING_KINDS or not isinstance(p["done"], bool)):
+                raise ValueError(f"policy.pending.{image}: must be {{since: <time>, kind: up|replace, "
+                                 f"done: true|false}}")
+            st.pending[str(image)] = Pending(float(p["since"]), p["kind"], p["done"])
         for key in ("last_up", "last_down", "last_failed_start", "good_since", "last_sample_at"):
             value = data.get(key)
             if value is not None and not _is_time(value):
@@ -146,6 +153,10 @@ class PolicyState:
             raise ValueError("policy.health_failures: must map workers to counts")
         st.health_failures = {str(k): v for k, v in failures.items()}
         return st
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _is_time(value: Any) -> bool:
@@ -164,8 +175,9 @@ class Policy:
 
     ``workers``: the environment's worker images in declared order (start the first stopped one);
     ``protected``: workers the monitor must never stop (those that are also load balancers).
-    The monitor calls ``decide`` once a tick, then reports what it did with ``starting``,
-    ``start_failed`` and ``stopped``.
+    The monitor calls ``decide`` once a tick, then reports each step: ``starting`` before a start
+    (or a replacement), ``started`` when it finished or ``start_failed``; ``stopping`` before a
+    stop, then ``stopped`` or ``stop_failed``. Steps happen between decisions, never during one.
     """
 
     def __init__(self, settings: MonitorSettings, workers: Sequence[str], min_workers: int, max_workers: int,
@@ -202,13 +214,22 @@ class Policy:
             del st.started[image]
 
         # Warm-up: a pending worker either passes its health check, or fails to come up in time.
+        # Steps run between decisions, so a pending start that is not ``done`` here was interrupted
+        # (a second signal, or the monitor was killed): it is undone, and redone if still needed.
         for image, p in sorted(st.pending.items()):
             if image not in running:
                 del st.pending[image]
                 st.started.pop(image, None)
-                st.last_failed_start = now
-                notes.append(f"{image} is not running: its start failed or was abandoned; "
+                if p.done:
+                    st.last_failed_start = now
+                notes.append(f"{image} is not running: its start {'failed' if p.done else 'was interrupted'}; "
                              f"it does not count as capacity")
+            elif not p.done:
+                del st.pending[image]
+                self._running = running - {image}  # about to be stopped: not capacity
+                return self._decision(ABANDON, (image,), notes,
+                                      f"the start of {image} was interrupted (the monitor stopped during it); "
+                                      f"stopping it (it is started again if still needed)")
             elif obs.healthy.get(image):
                 del st.pending[image]
                 if p.kind == "up":
@@ -218,6 +239,7 @@ class Policy:
             elif now - p.since > s.warmup_timeout_s:
                 del st.pending[image]
                 st.last_failed_start = now
+                self._running = running - {image}  # about to be stopped: not capacity
                 return self._decision(ABANDON, (image,), notes,
                                       f"{image} not healthy {s.warmup_timeout_s:g}s after its start; "
                                       f"stopping it (not counted as capacity; the start is retried)")
@@ -231,6 +253,11 @@ class Policy:
             st.last_down = now
             st.reset_streaks()
             notes.append(f"{image} is stopped (its stop was interrupted and finished anyway)")
+
+        if not obs.env_up:
+            st.reset_streaks()
+            return self._decision(HOLD, (), notes, "the environment is not up (no load balancer in the inventory); "
+                                  "starting nothing until it is (fab env-start-min)")
 
         pending = [w for w in self.workers if w in st.pending]
         ready = [w for w in self.workers if w in running and w not in st.pending]
@@ -261,16 +288,16 @@ class Policy:
         # Bounds hold whatever the metrics say.
         if count < self.min:
             if self._backing_off(now):
-                return self._decision(HOLD, (), notes, f"{count} workers, below the minimum {self.min}, but a start "
-                                      f"failed {now - st.last_failed_start:.0f}s ago; retrying after "
-                                      f"{self.retry_after_s:g}s")
+                return self._decision(HOLD, (), notes, f"{_count(count, 'worker')}, below the minimum {self.min}, "
+                                      f"but a start failed {now - st.last_failed_start:.0f}s ago; retrying "
+                                      f"after {self.retry_after_s:g}s")
             images = self._to_start(running, self.min - count)
             if images:
-                return self._decision(UP, images, notes, f"{count} workers, below the minimum {self.min}")
+                return self._decision(UP, images, notes, f"{_count(count, 'worker')}, below the minimum {self.min}")
         if count > self.max:
             images = self._to_stop(ready, count - self.max)
             if images:
-                return self._decision(DOWN, images, notes, f"{count} workers, above the maximum {self.max}")
+                return self._decision(DOWN, images, notes, f"{_count(count, 'worker')}, above the maximum {self.max}")
 
         if obs.sample is None:
             st.good_since = None
@@ -283,8 +310,8 @@ class Policy:
 
         # Record the sample.
         if st.last_sample_at is not None and now - st.last_sample_at > self.stale_after_s:
+            notes.append(f"no sample for {now - st.last_sample_at:.0f}s; streaks start afresh")
             st.reset_streaks()
-            notes.append(f"no sample for {now - (st.last_sample_at or now):.0f}s; streaks start afresh")
         st.last_sample_at = now
         bad = sample.p95_ms > s.latency_high_ms or sample.error_rate > s.max_error_rate
         good = not bad and sample.p95_ms < s.latency_low_ms and sample.error_rate == 0
@@ -298,13 +325,14 @@ class Policy:
             st.bad_streak, st.good_since = 0, None
 
         if bad:
-            why = (f"p95 {sample.p95_ms:.0f}ms > {s.latency_high_ms:g}ms" if sample.p95_ms > s.latency_high_ms
-                   else f"errors {sample.error_rate:.0%} > {s.max_error_rate:.0%}")
+            why = (f"p95 over {s.latency_high_ms:g}ms" if sample.p95_ms > s.latency_high_ms
+                   else f"errors over {s.max_error_rate:.0%}")
             if st.bad_streak < s.up_samples:
                 return self._decision(HOLD, (), notes, f"{sample}: {why} ({st.bad_streak} of {s.up_samples} "
                                       f"bad samples before adding a worker)")
             if count >= self.max:
-                return self._decision(HOLD, (), notes, f"{sample}: {why}, but at the maximum of {self.max} workers")
+                return self._decision(HOLD, (), notes,
+                                      f"{sample}: {why}, but at the maximum of {_count(self.max, 'worker')}")
             if st.last_up is not None and now - st.last_up < s.up_cooldown_s:
                 return self._decision(HOLD, (), notes, f"{sample}: {why}; in the up cooldown "
                                       f"({s.up_cooldown_s - (now - st.last_up):.0f}s left)")
@@ -315,7 +343,7 @@ class Policy:
             step = 1 if sample.p95_ms < 2 * s.latency_high_ms else 2
             images = self._to_start(running, min(step, self.max - count))
             if images:
-                return self._decision(UP, images, notes, f"{sample}: {why} for {st.bad_streak} samples")
+                return self._decision(UP, images, notes, f"{sample}: {why} for {_count(st.bad_streak, 'sample')}")
             return self._decision(HOLD, (), notes, f"{sample}: {why}, but no stopped worker is left to start")
 
         if good:
@@ -324,7 +352,8 @@ class Policy:
                 return self._decision(HOLD, (), notes, f"{sample}: good for {held:.0f}s of the "
                                       f"{s.down_window_s:g}s window before removing a worker")
             if count <= self.min:
-                return self._decision(HOLD, (), notes, f"{sample}: good, at the minimum of {self.min} workers")
+                return self._decision(HOLD, (), notes,
+                                      f"{sample}: good, at the minimum of {_count(self.min, 'worker')}")
             changes = [t for t in (st.last_up, st.last_down) if t is not None]
             if changes and now - max(changes) < s.down_cooldown_s:
                 return self._decision(HOLD, (), notes, f"{sample}: good; in the down cooldown "
@@ -347,6 +376,11 @@ class Policy:
         self.state.health_failures.pop(image, None)
         if kind == "up":
             self.state.started[image] = now
+
+    def started(self, now: float, image: str) -> None:
+        """The step for ``image`` finished (deployed, in the load balancer); its health check is due."""
+        if image in self.state.pending:
+            self.state.pending[image].done = True
 
     def start_failed(self, now: float, image: str) -> None:
         self.state.pending.pop(image, None)

@@ -158,3 +158,37 @@ def test_host_keys_are_pinned_and_a_changed_key_is_refused(disco):
     assert "Traceback" not in result.output
     disco.fab("hosts-forget", "--host", addr, check=True)
     disco.fab("hello-start", "--env", "disco", check=True)
+
+
+def test_a_clone_calling_home_under_its_source_name_gets_its_own_identity(disco):
+    """A VirtualBox clone boots with its source's hostname, call-home key and SSH host keys. booted
+    finds it by MAC, and hosts-filter gives it its own name, call-home key and host keys."""
+    src, clone = disco.state / "local" / "hosts" / "disco-1" / "upper", disco.state / "local" / "hosts" / "disco-3" / "upper"
+    disco.fab("image-stop", "--image", "disco-3", check=True)
+    import shutil
+
+    for rel in ("etc/booted/callhome.conf", "etc/hostname", "etc/ssh/ssh_host_ed25519_key",
+                "etc/ssh/ssh_host_ed25519_key.pub"):
+        shutil.copy2(src / rel, clone / rel)
+    old_key = (clone / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[1]
+    disco.fab("hosts-forget", "--host", disco.host_address("disco-3"), check=True)
+    disco.fab("hosts-clear", "--yes", check=True)
+    disco.fab("restart-nginx", check=True)  # a fresh booted log: only calls from now on
+    disco.fab("image-start", "--image", "disco-3", check=True)
+    wait_for(lambda: "disco-1" in logged_names(disco), 60, "the clone's call home")
+    out = disco.fab("hosts-logged", check=True).stdout
+    assert "to rename disco-3" in out
+    out = disco.fab("hosts-filter", check=True).stdout
+    assert "disco-3: hostname set" in out
+    assert disco.ssh("disco-3", "hostname").stdout.strip() == "disco-3"
+    conf = disco.ssh("disco-3", "sudo", "cat", "/etc/booted/callhome.conf").stdout
+    assert "NAME=disco-3" in conf
+    new_key = disco.ssh("disco-3", "cat", "/etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
+    assert new_key != old_key
+    # its next call home is under its own name and verifies with its own key
+    disco.ssh("disco-3", "sudo", "systemctl", "restart", "booted-callhome")
+    wait_for(lambda: "disco-3" in logged_names(disco), 30, "the renamed clone's call home")
+    disco.fab("hosts-logged", check=True)
+    entry = disco.inventory()["disco-3"]
+    assert entry["name"] == "disco-3" and entry["hostname_ok"] is True
+    assert disco.fab("hello-deploy", "--env", "disco", timeout=300).ok  # its new host key is pinned

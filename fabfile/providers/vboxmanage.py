@@ -30,6 +30,8 @@ INSTALL_HINT = (
     "or the package from virtualbox.org), then check `VBoxManage --version`"
 )
 
+# No single call should take longer (a full clone of a big disk is the slowest); a hung VBoxSVC fails here.
+COMMAND_TIMEOUT_S = 900
 # Retries of session-lock errors: attempts in all, and the first delay (doubled each time, capped).
 RETRY_ATTEMPTS = 5
 RETRY_DELAY_ENV = "BOOTED_VBOX_RETRY_DELAY"
@@ -202,12 +204,8 @@ class VBoxFailure:
         return self.code == "VBOX_E_INVALID_OBJECT_STATE" or "is already locked" in self.message \
             or "while it is locked" in self.message
 
-    @property
-    def gone(self) -> bool:
-        return self.code == "VBOX_E_OBJECT_NOT_FOUND"
 
-
-def parse_failure(stderr: str, stdout: str = "") -> VBoxFailure | None:
+def parse_failure(stderr: str) -> VBoxFailure | None:
     """The failure reported on stderr (``VBoxManage: error: ...``), or None if there is none."""
     lines = [m.strip() for m in _ERROR_LINE.findall(stderr)]
     if not lines:
@@ -273,12 +271,12 @@ class VBoxManage:
         attempt = 1
         while True:
             try:
-                result = localcmd.run(argv, check=False, env=LOCALE_ENV)
+                result = localcmd.run(argv, check=False, env=LOCALE_ENV, timeout=COMMAND_TIMEOUT_S)
             except CommandError as err:
                 if "command not found" in str(err):
                     raise ProviderError(INSTALL_HINT) from None
                 raise ProviderError(str(err), image=image) from None
-            failure = parse_failure(result.stderr, result.stdout)
+            failure = parse_failure(result.stderr)
             if result.returncode != 0 and failure is None:
                 detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
                 failure = VBoxFailure(detail[-1].strip() if detail else f"exit status {result.returncode}")

@@ -8,13 +8,13 @@ message. ``list()`` reports every registered VM, booted's or not.
 """
 from __future__ import annotations
 
-import importlib
+import shlex
 import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import names
-from ..errors import BootedError, ConfigError, NotAvailable, ProviderError, UsageError, WaitTimeout
+from .. import media, names
+from ..errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from ..output import progress, wait_until
 from ..state import atomic_write_json, locked, read_json, state_dir
 from .base import RUNNING, STOPPED, Machine, Provider
@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 SNAPSHOT = "booted-base"          # the snapshot of a source image that its linked clones share (§5)
 CONTROLLER = "SATA"
 DISK_PORT, DVD_PORT = 0, 1
-PXE_BOOT_FILE = "pxelinux.0"      # name of the loader in the per-VM TFTP directory (§6.2, §11)
 FALLBACK_OS_TYPE = "RedHat_64"    # generic ID older VirtualBox versions have (§2.1)
 NIC_SLOTS = 8
+POWEROFF_TIMEOUT_S = 60           # `controlvm poweroff` pulls the plug; this only covers a very busy host
 # States in which a VM holds no running process: safe to delete, nothing to stop (§3.4 state names).
 STOPPED_STATES = {"poweroff", "aborted", "saved", "aborted-saved", "teleported"}
 STARTABLE_STATES = {"poweroff", "aborted", "saved", "aborted-saved"}
@@ -65,11 +65,13 @@ def _opt(name: str, version: tuple[int, ...], slot: int | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- command plans (pure)
-def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...], tftp_dir: str) -> list[str]:
+def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...], tftp_dir: str,
+                  boot_file: str) -> list[str]:
     """The one ``modifyvm`` call that sets up a new VM for a PXE kickstart install (§2.2, §6, §11).
 
-    NIC 1: NAT with VirtualBox's built-in TFTP serving ``tftp_dir``; the installer reaches the host's nginx
-    at 10.0.2.2, which on 7.0+ needs ``--nat-localhostreachable1`` (§6.1). NIC 2: host-only, for SSH.
+    NIC 1: NAT, whose built-in TFTP server serves ``tftp_dir`` and whose DHCP offers ``boot_file`` (relative
+    to ``tftp_dir``, §6.2); through it the installer fetches its kickstart from the host's nginx at 10.0.2.2,
+    which on 7.0+ needs ``--nat-localhostreachable1`` (§6.1). NIC 2: host-only, where booted reaches the host.
     """
     v = version
     argv = [
@@ -81,7 +83,7 @@ def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...
         *(["--audio-enabled", "off"] if v >= (7, 0) else ["--audio", "none"]),
         "--boot1", "net", "--boot2", "disk", "--boot3", "none", "--boot4", "none",
         "--nic1", "nat", _opt("--nic-type", v, 1), settings["nic_type"], _opt("--cable-connected", v, 1), "on",
-        _opt("--nat-tftp-prefix", v, 1), tftp_dir, _opt("--nat-tftp-file", v, 1), PXE_BOOT_FILE,
+        _opt("--nat-tftp-prefix", v, 1), tftp_dir, _opt("--nat-tftp-file", v, 1), boot_file,
         _opt("--nic-boot-prio", v, 1), "1",
     ]
     if v >= (7, 0):
@@ -231,6 +233,7 @@ class VirtualBoxProvider(Provider):
             # None: deleted by someone else between `list vms` and `showvminfo` (Vagrant ignores these, §10).
             info = self._info(uuid, name, missing_ok=True)
             if info is not None:
+                info.setdefault("name", name)
                 machines.append(self._machine(uuid, name, info))
         return machines
 
@@ -240,12 +243,14 @@ class VirtualBoxProvider(Provider):
         return None if info is None else self._machine(info.get("UUID", image), image, info)
 
     def _wait_state(self, target: str, image: str, *, done: Callable[[str], bool], timeout: float,
-                    what: str, hint: str = "", fail: set[str] = frozenset()) -> str:
-        def check() -> str | None:
-            state = self._info(target, image).get("VMState", "")
+                    what: str, hint: str = "", fail: set[str] = frozenset()) -> dict[str, str]:
+        """Poll ``showvminfo`` until ``done(VMState)``; return that last showvminfo."""
+        def check() -> dict[str, str] | None:
+            info = self._info(target, image)
+            state = info.get("VMState", "")
             if state in fail:
                 raise ProviderError(f"went to state {state!r} while waiting for it {what}", image=image)
-            return state if done(state) else None
+            return info if done(state) else None
 
         return wait_until(check, timeout=timeout, what=f"{image} {what}", hint=hint,
                           interval=_poll_interval(timeout))
@@ -263,32 +268,29 @@ class VirtualBoxProvider(Provider):
                           keypath="providers.virtualbox.os_type")
 
     def _check_hostonly(self) -> None:
-        adapter = self.settings["hostonly_adapter"]
-        have = [b.get("Name", "") for b in parse_hostonlyifs(self.vbox.run("list", "hostonlyifs").stdout)]
-        if adapter not in have:
+        """NIC 2's host-only interface exists and has host_address, the address hosts call home to (§9.1)."""
+        adapter, address = self.settings["hostonly_adapter"], self.settings["host_address"]
+        interfaces = {b.get("Name", ""): b for b in parse_hostonlyifs(self.vbox.run("list", "hostonlyifs").stdout)}
+        ipconfig = f"`VBoxManage hostonlyif ipconfig {adapter} --ip {address} --netmask 255.255.255.0`"
+        if adapter not in interfaces:
             raise ConfigError(
                 self.config.path,
-                f"no host-only interface {adapter!r} (have: {', '.join(have) or 'none'}); create it with "
-                f"`VBoxManage hostonlyif create` and `VBoxManage hostonlyif ipconfig {adapter} "
-                f"--ip {self.settings['host_address']} --netmask 255.255.255.0`",
+                f"no host-only interface {adapter!r} (have: {', '.join(interfaces) or 'none'}); create it with "
+                f"`VBoxManage hostonlyif create` and {ipconfig}",
                 keypath="providers.virtualbox.hostonly_adapter")
-
-    @staticmethod
-    def _media():
-        """fabfile.media (ISO check, kickstart, per-VM TFTP folder), imported when a build needs it."""
-        try:
-            return importlib.import_module("fabfile.media")
-        except ModuleNotFoundError as err:
-            if err.name != "fabfile.media":
-                raise
-            raise NotAvailable("install staging (fabfile/media.py)") from None
+        has = interfaces[adapter].get("IPAddress", "")
+        if has != address:
+            raise ConfigError(
+                self.config.path,
+                f"is {address}, but host-only interface {adapter!r} has {has or 'no address'}; hosts could not "
+                f"call home: change host_address or run {ipconfig}",
+                keypath="providers.virtualbox.host_address")
 
     def build(self, image: str, env: "Environment | None") -> Machine:
         names.check("image", image)
         version = self.vbox.version()
         os_type = self._os_type()
         self._check_hostonly()
-        media = self._media()
         base = self.basefolder()
         vm_uuid = str(uuidlib.uuid4())
         disk = str(base / image / f"{image}.vdi")
@@ -304,7 +306,7 @@ class VirtualBoxProvider(Provider):
                 self.vbox.run("createvm", "--name", image, "--ostype", os_type, "--basefolder", str(base),
                               "--uuid", vm_uuid, "--register", image=image)
                 made["vm"] = True
-            self.vbox.run(*hardware_argv(vm_uuid, self.settings, version, str(tftp_dir)), image=image)
+            self.vbox.run(*hardware_argv(vm_uuid, self.settings, version, str(tftp_dir), media.BOOT_FILE), image=image)
             ctl, mkdisk, attach_disk, attach_dvd = storage_argvs(
                 vm_uuid, disk, self.settings["disk_mb"], str(media.iso_path(self.config)))
             self.vbox.run(*ctl, image=image)
@@ -316,7 +318,7 @@ class VirtualBoxProvider(Provider):
             timeout = self.settings["build_timeout_s"]
             progress(f"{image}: installing (kickstart over PXE); waiting up to {timeout:g}s for it to power off")
             self.vbox.run("startvm", vm_uuid, "--type", "headless", image=image, success=_started)
-            self._wait_state(
+            installed = self._wait_state(
                 vm_uuid, image, done=lambda s: s == "poweroff", timeout=timeout,
                 what="to finish installing (the kickstart powers it off)", fail=FAILED_STATES,
                 hint=f"see its console or {base / image / 'Logs'}; raise providers.virtualbox.build_timeout_s "
@@ -326,31 +328,38 @@ class VirtualBoxProvider(Provider):
         except (BootedError, KeyboardInterrupt) as err:
             if not any(made.values()):
                 raise
-            leftover = self._undo_build(image, vm_uuid, made, disk, media)
+            leftover = self._undo_build(image, vm_uuid, made, disk)
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise ProviderError(f"build failed: {_reason(err)}; {leftover}", image=image,
                                 result=getattr(err, "result", None)) from None
         # The kickstart holds the host's call-home key: it must not stay downloadable once installed.
         media.unstage_install(image)
-        return self._machine(vm_uuid, image)
+        return self._machine(vm_uuid, image, installed)
 
-    def _undo_build(self, image: str, vm_uuid: str, made: dict[str, bool], disk: str, media) -> str:
+    def _undo_build(self, image: str, vm_uuid: str, made: dict[str, bool], disk: str) -> str:
         """Remove what a failed build made; say what is left, and how to remove it, if that fails."""
         media.unstage_install(image)
         if not made["vm"]:
             return "nothing was created"
         progress(f"{image}: build failed; removing the half-built VM")
+        left = []  # what could not be removed, each with the command that removes it
         try:
-            state = self._info(vm_uuid, image).get("VMState", "")
-            if state not in STOPPED_STATES:
+            if self._info(vm_uuid, image).get("VMState", "") not in STOPPED_STATES:
                 self._poweroff(vm_uuid, image)
-            if made["disk"] and not made["disk_attached"]:
+        except BootedError as err:
+            left.append(f"the VM is still running ({_reason(err)}): VBoxManage controlvm {vm_uuid} poweroff")
+        if made["disk"] and not made["disk_attached"]:  # an attached disk goes with unregistervm --delete
+            try:
                 self.vbox.run("closemedium", "disk", disk, "--delete", image=image)
+            except BootedError as err:
+                left.append(f"disk {disk} ({_reason(err)}): VBoxManage closemedium disk {shlex.quote(disk)} --delete")
+        try:
             self.vbox.run("unregistervm", vm_uuid, "--delete", image=image)
         except BootedError as err:
-            return (f"could not remove the half-built VM ({_reason(err)}); remove it with "
-                    f"`VBoxManage controlvm {vm_uuid} poweroff; VBoxManage unregistervm {vm_uuid} --delete`")
+            left.append(f"VM {vm_uuid} ({_reason(err)}): VBoxManage unregistervm {vm_uuid} --delete")
+        if left:
+            return "could not remove all of the half-built VM; left: " + "; ".join(left)
         return "removed the half-built VM"
 
     # ----------------------------------------------------------------- clone
@@ -411,11 +420,11 @@ class VirtualBoxProvider(Provider):
         if state not in STARTABLE_STATES:
             raise ProviderError(f"is {state}; it can be started only when powered off, saved or aborted",
                                 image=image)
+        logs = Path(info.get("CfgFile", ".")).parent / "Logs"
         self.vbox.run("startvm", vm_uuid, "--type", "headless", image=image, success=_started)
-        self._wait_state(vm_uuid, image, done=lambda s: s == "running", timeout=self.settings["boot_timeout_s"],
-                         what="to be running", fail=FAILED_STATES,
-                         hint=f"see {Path(info.get('CfgFile', '.')).parent / 'Logs'}")
-        return self._machine(vm_uuid, image)
+        info = self._wait_state(vm_uuid, image, done=lambda s: s == "running", timeout=self.settings["boot_timeout_s"],
+                                what="to be running", fail=FAILED_STATES, hint=f"see {logs}")
+        return self._machine(vm_uuid, image, info)
 
     def stop(self, image: str, force: bool = False) -> Machine:
         vm_uuid, info = self._require(image)
@@ -426,22 +435,22 @@ class VirtualBoxProvider(Provider):
             self.vbox.run("controlvm", vm_uuid, "acpipowerbutton", image=image)
             timeout = self.settings["stop_timeout_s"]
             try:
-                self._wait_state(vm_uuid, image, done=lambda s: s in STOPPED_STATES, timeout=timeout,
-                                 what="to shut down (ACPI power button)")
-                return self._machine(vm_uuid, image)
+                info = self._wait_state(vm_uuid, image, done=lambda s: s in STOPPED_STATES, timeout=timeout,
+                                        what="to shut down (ACPI power button)")
+                return self._machine(vm_uuid, image, info)
             except WaitTimeout:
                 progress(f"{image}: did not shut down within {timeout:g}s; powering it off")
-        self._poweroff(vm_uuid, image)
-        return self._machine(vm_uuid, image)
+        return self._machine(vm_uuid, image, self._poweroff(vm_uuid, image))
 
-    def _poweroff(self, vm_uuid: str, image: str) -> None:
+    def _poweroff(self, vm_uuid: str, image: str) -> dict[str, str]:
         try:
             self.vbox.run("controlvm", vm_uuid, "poweroff", image=image)
         except VBoxError:
             # It may have stopped on its own since we looked; only a VM still up is a failure.
             if self._info(vm_uuid, image).get("VMState", "") not in STOPPED_STATES:
                 raise
-        self._wait_state(vm_uuid, image, done=lambda s: s in STOPPED_STATES, timeout=60, what="to power off")
+        return self._wait_state(vm_uuid, image, done=lambda s: s in STOPPED_STATES, timeout=POWEROFF_TIMEOUT_S,
+                                what="to power off")
 
     def delete(self, image: str) -> None:
         vm_uuid, info = self._require(image)
@@ -457,11 +466,7 @@ class VirtualBoxProvider(Provider):
             raise ProviderError(f"has linked clones ({', '.join(clones)}); delete them first", image=image)
         self.vbox.run("unregistervm", vm_uuid, "--delete", image=image)
         self._update_notes(lambda notes: notes.pop(image, None))
-        try:
-            media = self._media()
-        except NotAvailable:
-            return
-        media.unstage_install(image)  # a build that never finished may have left its TFTP folder
+        media.unstage_install(image)  # a build that was interrupted hard may have left its TFTP folder
 
 
 def _started(result) -> bool:
