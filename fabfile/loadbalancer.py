@@ -61,7 +61,7 @@ def render(env: Environment, upstreams: Iterable[Upstream]) -> str:
             f"    server {u.address}:{u.port} max_fails=1 fail_timeout=5s{' down' if u.down else ''};" for u in ups
         )
     live = sum(1 for u in ups if not u.down)
-    return templates.render(TEMPLATE, {
+    text = templates.render(TEMPLATE, {
         "env": env.name,
         "upstream": upstream_name(env),
         "servers": servers,
@@ -69,7 +69,24 @@ def render(env: Environment, upstreams: Iterable[Upstream]) -> str:
         "tries": max(2, min(live, 4)),
         "connect_timeout": "1s",
         "read_timeout": "3s",
+        "config_id": "{{ config_id }}",
     })
+    # the id names the rest of the config, so a load balancer serving it serves exactly this upstream
+    return text.replace("{{ config_id }}", config_id(text))
+
+
+def config_id(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def serving_id(text: str) -> str:
+    """The id ``render`` put into ``text``."""
+    import re as _re
+
+    match = _re.search(r'/booted-lb/config \{ access_log off; return 200 "([0-9a-f]+)', text)
+    return match.group(1) if match else ""
 
 
 def healthy_workers(cfg: Config, env: Environment) -> list[HostEntry]:
@@ -99,7 +116,25 @@ def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),
         raise BootedError(f"environment {env.name} has no load balancer host in the inventory")
     for lb in lbs:
         push(cfg, lb, text)
+    for lb in lbs:
+        wait_serving(env, lb, serving_id(text))
     return [url(env, lb) for lb in lbs]
+
+
+def wait_serving(env: Environment, lb: HostEntry, wanted: str, timeout: float = 10.0) -> None:
+    """A reload only signals nginx; wait until its new workers answer with the new config."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = http_request(lb.address, env.lb_port, "GET", "/booted-lb/config", timeout=2)
+            if status == 200 and body.strip() == wanted:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise HostError(lb.image, f"load balancer did not switch to the new config within {timeout:g}s")
 
 
 def url(env: Environment, lb: HostEntry) -> str:

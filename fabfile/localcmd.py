@@ -53,6 +53,9 @@ def run(
             input=input,
             cwd=cwd,
             stdin=None if input is not None else subprocess.DEVNULL,
+            # its own process group: a Ctrl-C meant for booted (which finishes or abandons its
+            # step cleanly) must not kill the command under it mid-way
+            process_group=0,
         )
     except FileNotFoundError:
         raise CommandError(f"command not found: {argv[0]}") from None

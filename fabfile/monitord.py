@@ -365,32 +365,30 @@ class Monitor:
             self._saved = current
 
     def act(self, decision: Decision) -> None:
+        """Carry out ``decision``, one worker per step; a stop request is honoured between steps
+        (a step already begun finishes; ABANDON's stop is cleanup and always runs)."""
         if decision.action == HOLD:
             return
         self.signals.in_step = True
         try:
-            if decision.action == UP:
-                for n, image in enumerate(decision.images):
-                    if n and self.signals.stop_requested:
-                        self.log.write(f"stopping: not starting {', '.join(decision.images[n:])}")
-                        break
-                    if not self._start(image, "up"):
-                        break
-            elif decision.action == REPLACE:
-                self._start(decision.images[0], "replace")
-            elif decision.action == DOWN:
-                for n, image in enumerate(decision.images):
-                    if n and self.signals.stop_requested:
-                        self.log.write(f"stopping: not stopping {', '.join(decision.images[n:])}")
-                        break
-                    self._stop(image)
-            elif decision.action == ABANDON:
+            if decision.action == ABANDON:
                 image = decision.images[0]
                 try:
                     self.world.stop_image(image)
                     self.log.write(f"done: stopped {image}; its start is undone")
                 except Exception as err:
                     self.log.write(f"failed: stopping {image}: {_describe(err)}")
+                return
+            for n, image in enumerate(decision.images):
+                if self.signals.stop_requested:
+                    self.log.write(f"stopping: {decision.action} {', '.join(decision.images[n:])} not begun")
+                    return
+                if decision.action == UP and not self._start(image, "up"):
+                    return
+                if decision.action == REPLACE:
+                    self._start(image, "replace")
+                if decision.action == DOWN:
+                    self._stop(image)
         finally:
             self.signals.in_step = False
 

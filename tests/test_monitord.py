@@ -342,3 +342,17 @@ def test_once_runs_one_tick_and_prints_the_decision(capsys):
     assert len(decisions) == 1 and " up w2,w3: p95 400ms" in decisions[0]  # over twice the limit: two
     log = monitord.state_path("monitor", "lab.log").read_text().splitlines()
     assert decisions[0] in log
+
+
+def test_a_signal_before_the_step_begins_means_it_never_begins():
+    class SignalWhileObserving(FakeWorld):
+        def observe(self, should_stop):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives after the probes, before the decision is acted on
+            return super().observe(should_stop)
+
+    world = SignalWhileObserving(sample=SLOW)
+    code, took, lines, _ = run_with_signals(world)
+    assert code == 0 and world.calls == []
+    assert any(" up w2,w3: " in line for line in lines)
+    assert any("stopping: up w2, w3 not begun" in line for line in lines)
+    assert saved_policy()["pending"] == {}
