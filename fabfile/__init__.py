@@ -1,5 +1,11 @@
 """booted: one machine as a small private cloud for a web service."""
+import atexit
+import gc
+
 from invoke import Collection
+
+# Interpreter shutdown tears down every module and collects cycles; freezing first skips most of it.
+atexit.register(gc.freeze)
 
 from . import deploy, envmanager, hostbuilder, hostmanager, monitor
 

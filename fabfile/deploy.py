@@ -61,7 +61,11 @@ def deploy(cfg: Config, svc: services.Service, version: str | None, env_name: st
         with ssh.connect(t.entry.address, cfg) as conn:
             return release.deploy_to(conn, svc, releases[version or t.env.version], keep, timeout)
 
-    return fan_out(hosts, one, label=lambda t: t.label, parallel=cfg.deploy["parallel"], quiet=quiet)
+    results = fan_out(hosts, one, label=lambda t: t.label, parallel=cfg.deploy["parallel"], quiet=quiet)
+    ok = {r.host for r in results if r.ok}
+    release.record_many([(t.entry.address, svc.name, rel.version, rel.commit)
+                         for t in hosts if t.label in ok for rel in [releases[version or t.env.version]]])
+    return results
 
 
 def deploy_balanced_or_parallel(cfg: Config, svc: services.Service, version: str | None,

@@ -164,6 +164,7 @@ def rolling_deploy(cfg: Config, env: Environment, version: str | None = None) ->
             time.sleep(0.5)  # let requests already on their way to it finish
             with ssh.connect(entry.address, cfg) as conn:
                 detail = release.deploy_to(conn, svc, rel, cfg.deploy["keep_releases"], float(cfg.deploy["timeout_s"]))
+            release.record(entry.address, svc.name, rel.version, rel.commit)
             release.check_service(entry.address, svc, version)
             loadbalancer.update(cfg, env, svc.port, workers=workers)
             result = HostResult(entry.image, True, detail)

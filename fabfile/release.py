@@ -52,7 +52,7 @@ if [ "$(cat "$unitfile" 2>/dev/null || true)" != "$unit" ]; then
   mv "$unitfile.new" "$unitfile"
   systemctl daemon-reload
 fi
-systemctl enable --quiet "booted-$svc.service" 2>/dev/null || true
+systemctl enable --quiet --no-reload "booted-$svc.service" 2>/dev/null || true
 systemctl restart "booted-$svc.service"
 # keep the newest $keep releases (never the current one)
 cd "$root/releases"
@@ -115,7 +115,9 @@ def unit_text(service: services.Service) -> str:
     return (
         "[Unit]\n"
         f"Description=booted service {service.name}\n"
-        "After=network.target\n\n"
+        "After=network.target\n"
+        # deploys restart it on purpose, possibly several times a minute: no start rate limit
+        "StartLimitIntervalSec=0\n\n"
         "[Service]\n"
         "Type=simple\n"
         "DynamicUser=yes\n"
@@ -171,7 +173,6 @@ def deploy_to(conn, service: services.Service, release: Release, keep: int, time
         release.data, sudo=True, timeout=timeout,
     )
     wait_for_version(conn.host, service, release.version, timeout=timeout)
-    record(conn.host, service.name, release.version, release.commit)
     return f"{release.version} ({release.commit[:8]})"
 
 
@@ -249,9 +250,17 @@ def _deployments_path() -> Path:
 
 
 def record(address: str, service: str, version: str, commit: str | None) -> None:
+    record_many([(address, service, version, commit)])
+
+
+def record_many(entries: list[tuple[str, str, str, str | None]]) -> None:
+    """Remember what runs where: (address, service, version, commit); one write for a whole deploy."""
+    if not entries:
+        return
     with locked("deployments"):
         data = read_json(_deployments_path(), {}) or {}
-        data.setdefault(address, {})[service] = {"version": version, "commit": commit, "at": time.time()}
+        for address, service, version, commit in entries:
+            data.setdefault(address, {})[service] = {"version": version, "commit": commit, "at": time.time()}
         atomic_write_json(_deployments_path(), data)
 
 
