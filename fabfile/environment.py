@@ -144,11 +144,17 @@ def converge_service(cfg: Config, env: Environment, images: list[str], version: 
             say(f"{entry.image:<16} ok     already serving {version}")
     if not stale:
         return []
+    if has_live_loadbalancer(cfg, env):
+        # users are being served: replace the stale workers one at a time behind the balancer
+        return rolling_deploy(cfg, env, version, images=stale)
     return deploy.deploy(cfg, svc, version, env.name, images=stale)
 
 
-def rolling_deploy(cfg: Config, env: Environment, version: str | None = None) -> list[HostResult]:
-    """Deploy to a running, balanced environment one worker at a time: drain, switch, check, undrain."""
+def rolling_deploy(cfg: Config, env: Environment, version: str | None = None,
+                   images: list[str] | None = None) -> list[HostResult]:
+    """Deploy to a running, balanced environment one worker at a time: drain, switch, check, undrain.
+
+    ``images`` limits it to some workers (the others keep serving throughout)."""
     svc = service_of(env)
     version = version or env.version
     rel = release.prepare(svc, version)
@@ -158,6 +164,8 @@ def rolling_deploy(cfg: Config, env: Environment, version: str | None = None) ->
     from . import ssh
 
     for entry in workers:
+        if images is not None and entry.image not in images:
+            continue
         start = time.monotonic()
         try:
             loadbalancer.update(cfg, env, svc.port, drain={entry.image}, workers=workers)

@@ -92,6 +92,17 @@ def test_rolling_deploy_drops_no_request_and_ends_on_the_new_version(drill):
             assert resp.read().decode().strip() == "v2"
 
 
+def test_env_start_all_brings_a_serving_environment_back_to_its_version_without_dropping_requests(drill):
+    """After the rolling deploy to v2, the environment's own version (v1) is restored the same way."""
+    with SteadyLoad(lb_url(drill) + "version", rate=25, max_seconds=120) as load:
+        result = drill.fab("env-start-all", "--env", "drill", timeout=600)
+        seen = load.stop()
+    assert result.ok, result
+    assert result.stdout.count("drained, switched, back in") == 3
+    assert seen.failures == [], seen.failures[:5]
+    assert seen.bodies()[-1] == "v1"
+
+
 def test_env_start_worker_and_env_stop(drill):
     result = drill.fab("env-start-worker", "--image", "drill-lb", "--env", "drill")
     assert result.returncode != 0 and "not a worker" in result.stderr
