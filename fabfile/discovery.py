@@ -54,13 +54,18 @@ def record(cfg, result: ReadResult) -> RecordSummary:
     return Inventory().record_calls(result.calls, machines, cfg)
 
 
+def probe_inventory(env: str | None = None, timeout: float = 1.0) -> dict[str, bool]:
+    """Probe the SSH port of every inventory host (of ``env``) at once and record the answers."""
+    inv = Inventory()
+    results = reach.probe_ssh([e.address for e in inv.hosts(env=env)], timeout=timeout)
+    inv.mark_reachable(results)
+    return results
+
+
 def filter_reachable(cfg, timeout: float = 1.0) -> dict[str, bool]:
     """Probe every inventory host's SSH port at once; drop the ones that don't answer."""
-    inv = Inventory()
-    entries = inv.load()
-    results = reach.probe_ssh([e.address for e in entries], timeout=timeout)
-    inv.mark_reachable(results)
-    with inv.update() as hosts:
+    results = probe_inventory(timeout=timeout)
+    with Inventory().update() as hosts:
         for image in [i for i, e in hosts.items() if not e.reachable]:
             del hosts[image]
     return results

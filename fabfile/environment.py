@@ -191,13 +191,8 @@ def rolling_deploy(cfg: Config, env: Environment, version: str | None = None,
 
 def refresh_reachability(cfg: Config, env: Environment) -> list[str]:
     """Re-probe the environment's hosts on SSH; returns the images that stopped answering."""
-    from . import reach
-
-    inv = Inventory()
-    entries = inv.hosts(env=env.name)
-    results = reach.probe_ssh([e.address for e in entries], timeout=1.5)
-    inv.mark_reachable(results)
-    return [e.image for e in entries if not results.get(e.address)]
+    results = discovery.probe_inventory(env.name, timeout=1.5)
+    return [e.image for e in Inventory().hosts(env=env.name) if not results.get(e.address)]
 
 
 def has_live_loadbalancer(cfg: Config, env: Environment) -> bool:

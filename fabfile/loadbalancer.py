@@ -6,6 +6,7 @@ reloads nginx gracefully (in-flight requests finish on the old workers).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -51,7 +52,9 @@ def upstream_name(env: Environment) -> str:
     return "booted_" + re.sub(r"[^a-z0-9_]", "_", env.name)
 
 
-def render(env: Environment, upstreams: Iterable[Upstream]) -> str:
+def render(env: Environment, upstreams: Iterable[Upstream]) -> tuple[str, str]:
+    """The load balancer's config and its id (a hash of everything else in it, served at
+    /booted-lb/config so booted can tell when a reload has taken effect)."""
     ups = sorted(set(upstreams), key=lambda u: (u.address, u.port))
     if not ups:
         # nginx needs at least one server; an unroutable one makes requests fail fast with 502
@@ -61,7 +64,7 @@ def render(env: Environment, upstreams: Iterable[Upstream]) -> str:
             f"    server {u.address}:{u.port} max_fails=1 fail_timeout=5s{' down' if u.down else ''};" for u in ups
         )
     live = sum(1 for u in ups if not u.down)
-    text = templates.render(TEMPLATE, {
+    values = {
         "env": env.name,
         "upstream": upstream_name(env),
         "servers": servers,
@@ -69,24 +72,9 @@ def render(env: Environment, upstreams: Iterable[Upstream]) -> str:
         "tries": max(2, min(live, 4)),
         "connect_timeout": "1s",
         "read_timeout": "3s",
-        "config_id": "{{ config_id }}",
-    })
-    # the id names the rest of the config, so a load balancer serving it serves exactly this upstream
-    return text.replace("{{ config_id }}", config_id(text))
-
-
-def config_id(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def serving_id(text: str) -> str:
-    """The id ``render`` put into ``text``."""
-    import re as _re
-
-    match = _re.search(r'/booted-lb/config \{ access_log off; return 200 "([0-9a-f]+)', text)
-    return match.group(1) if match else ""
+    }
+    config_id = hashlib.sha256(templates.render(TEMPLATE, {**values, "config_id": ""}).encode()).hexdigest()[:16]
+    return templates.render(TEMPLATE, {**values, "config_id": config_id}), config_id
 
 
 def healthy_workers(cfg: Config, env: Environment) -> list[HostEntry]:
@@ -110,14 +98,14 @@ def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),
     """
     drain = set(drain)
     workers = healthy_workers(cfg, env) if workers is None else workers
-    text = render(env, [Upstream(w.address, port, w.image in drain) for w in workers])
+    text, config_id = render(env, [Upstream(w.address, port, w.image in drain) for w in workers])
     lbs = loadbalancers(cfg, env)
     if not lbs:
         raise BootedError(f"environment {env.name} has no load balancer host in the inventory")
     for lb in lbs:
         push(cfg, lb, text)
     for lb in lbs:
-        wait_serving(env, lb, serving_id(text))
+        wait_serving(env, lb, config_id)
     return [url(env, lb) for lb in lbs]
 
 

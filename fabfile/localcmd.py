@@ -72,5 +72,20 @@ def run(
     return result
 
 
+def process_alive(pid: int, name: bytes | None = None) -> bool:
+    """True if ``pid`` runs, is not a zombie (this machine's PID 1 reaps orphans late, so a plain
+    ``kill -0`` says yes long after a process ended), and, if ``name`` is given, has it in its argv[0]."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        return False
+    return name is None or name in argv0
+
+
 def which(name: str) -> str | None:
     return shutil.which(name)

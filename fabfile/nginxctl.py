@@ -84,12 +84,7 @@ def _pid() -> int | None:
         pid = int((prefix() / "nginx.pid").read_text())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    if b"nginx" not in cmdline or stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+    if not localcmd.process_alive(pid, b"nginx"):
         return None
     return pid
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from fabfile.localcmd import process_alive  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -160,7 +162,7 @@ class Lab:
                     pass
         deadline = time.monotonic() + 15
         while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
+            pids = [p for p in pids if process_alive(p)]
             time.sleep(0.1)
         for pid in pids:
             try:
@@ -175,14 +177,6 @@ class Lab:
             localnet.remove_bridge(self.bridge)
             nginxctl.stop()
         # processes the tests started on this machine (load generators, monitors) end with the session
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 LAB_CONFIG = """\

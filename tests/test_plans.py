@@ -93,3 +93,19 @@ def test_fan_out_reports_every_host_and_keeps_order(capsys):
     assert out.count("\n") == 3
     assert summary("x", results) == "x: 1 of 3 hosts ok; failed: b, c"
     assert summary("x", [HostResult("a", True)]) == "x: 1 of 1 hosts ok"
+
+
+def test_load_balancer_config_marks_drained_workers_down_and_changes_its_id():
+    from fabfile import config, loadbalancer
+
+    env = config.load().env("local")
+    a, b = loadbalancer.Upstream("10.77.0.2", 9999), loadbalancer.Upstream("10.77.0.3", 9999)
+    text, cid = loadbalancer.render(env, [a, b])
+    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=5s;" in text
+    assert f'return 200 "{cid}\\n";' in text
+    drained, cid2 = loadbalancer.render(env, [loadbalancer.Upstream("10.77.0.2", 9999, down=True), b])
+    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=5s down;" in drained
+    assert cid2 != cid
+    assert loadbalancer.render(env, [b, a]) == (text, cid)  # order does not matter
+    empty, _ = loadbalancer.render(env, [])
+    assert "server 127.0.0.1:9 down;" in empty

@@ -386,14 +386,14 @@ class LocalProvider(Provider):
             # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: an orderly poweroff.
             self._signal(pid, signal.SIGTERM)
             try:
-                wait_until(lambda: not _alive(pid), timeout=float(self.settings["stop_timeout_s"]),
+                wait_until(lambda: not localcmd.process_alive(pid), timeout=float(self.settings["stop_timeout_s"]),
                            what=f"{host.name} to shut down", interval=0.05)
             except WaitTimeout:
                 progress(f"{host.name}: no clean shutdown within {self.settings['stop_timeout_s']}s; killing it")
                 force = True
         if force:
             self._signal(pid, signal.SIGKILL)
-            wait_until(lambda: not _alive(pid), timeout=10, what=f"{host.name} to be killed", interval=0.05)
+            wait_until(lambda: not localcmd.process_alive(pid), timeout=10, what=f"{host.name} to be killed", interval=0.05)
         (host.folder / "nspawn.pid").unlink(missing_ok=True)
         localnet.host_down(host.link)
 
@@ -432,13 +432,13 @@ class LocalProvider(Provider):
             pid = int((host.folder / "nspawn.pid").read_text())
         except (FileNotFoundError, ValueError):
             return None
-        if not _alive(pid):
+        if not localcmd.process_alive(pid, b"systemd-nspawn"):
             return None
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return None
-        if b"systemd-nspawn" not in os.path.basename(cmdline[0]) or f"--uuid={host.uuid}".encode() not in cmdline:
+        if f"--uuid={host.uuid}".encode() not in cmdline:  # not a reused pid
             return None
         return pid
 
@@ -474,13 +474,3 @@ def _last_error(console: Path) -> str:
     plain = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in lines]
     errors = [line for line in plain if line and ("Fail" in line or "rror" in line) and "symlink" not in line]
     return (errors or [line for line in plain if line] or ["no console output"])[-1][:160]
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (PID 1 here reaps orphans late)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
