@@ -26,7 +26,7 @@ from . import names
 from .errors import ConfigError, UsageError
 from .state import PROJECT_ROOT
 
-PROVIDERS = ("virtualbox", "local")
+PROVIDERS = ("virtualbox", "local", "libvirt")
 
 
 # --------------------------------------------------------------------------- YAML with lines
@@ -214,6 +214,18 @@ def _ifname(value: Any) -> str | None:
     return None if ok else "must be a network interface name (up to 15 letters, digits, '-', '_')"
 
 
+def _libvirt_uri(value: Any) -> str | None:
+    scheme, sep, rest = value.partition("://")
+    ok = sep and scheme and all(c.isalnum() or c == "+" for c in scheme) and not any(c.isspace() for c in value)
+    return None if ok else f"{value!r} is not a libvirt URI like qemu:///system or qemu+ssh://root@hv1/system"
+
+
+def _abs_dir(value: Any) -> str | None:
+    ok = value.startswith("/") and ".." not in value.split("/") and all(
+        c.isalnum() or c in "/._-+" for c in value)
+    return None if ok else "must be an absolute directory path (letters, digits, '/', '.', '_', '-', '+')"
+
+
 # --------------------------------------------------------------------------- typed view
 @dataclass(frozen=True)
 class MonitorSettings:
@@ -305,6 +317,19 @@ _PROVIDER_SPECS: dict[str, dict[str, tuple]] = {
         "suite": ((str,), "bookworm"),
         "boot_timeout_s": ((int, float), 60, positive),
         "stop_timeout_s": ((int, float), 30, positive),
+    },
+    "libvirt": {
+        "uri": ((str,), "qemu:///system", _libvirt_uri),
+        "domain_type": ((str,), "auto", lambda v: None if v in ("auto", "kvm", "qemu") else "must be auto, kvm or qemu"),
+        "cpus": ((int,), 1, positive),
+        "memory_mb": ((int,), 512, lambda v: None if v >= 256 else "must be at least 256"),
+        "disk_mb": ((int,), 3072, lambda v: None if v >= 2048 else "must be at least 2048"),
+        "bridge": ((str,), "booted1", _ifname),
+        "subnet": ((str,), "10.78.0.0/24", _network),
+        "storage_dir": ((str,), "/var/lib/libvirt/images/booted", _abs_dir),
+        "tcg_cache_mb": ((int,), 64, lambda v: None if v >= 16 else "must be at least 16"),
+        "boot_timeout_s": ((int, float), 300, positive),
+        "stop_timeout_s": ((int, float), 60, positive),
     },
 }
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 PROVIDERS = {
     "virtualbox": "fabfile.providers.virtualbox.VirtualBoxProvider",
     "local": "fabfile.providers.local.LocalProvider",
+    "libvirt": "fabfile.providers.libvirt.provider.LibvirtProvider",
 }
 
 __all__ = ["Machine", "Provider", "RUNNING", "STOPPED", "get_provider", "PROVIDERS"]
