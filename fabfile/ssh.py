@@ -9,6 +9,7 @@ Remote commands are argument lists; ``run`` quotes every item with ``shlex.quote
 """
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import socket
@@ -77,16 +78,36 @@ class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
 
 def forget(address: str) -> None:
     """Drop the pinned keys of ``address`` (its host was deleted or rebuilt)."""
+    _update_known_hosts(address, None)
+
+
+def pin(address: str, public_key: str) -> None:
+    """Pin ``address``'s host key before first contact (``public_key``: an OpenSSH public key line).
+
+    For hosts whose keys booted made itself: the first connection is then checked too.
+    """
+    kind, _, rest = public_key.strip().partition(" ")
+    try:
+        key = paramiko.PKey.from_type_string(kind, base64.b64decode(rest.split()[0]))
+    except (ValueError, IndexError, paramiko.SSHException) as err:
+        raise BootedError(f"{address}: not an SSH public key ({err})") from None
+    _update_known_hosts(address, key)
+
+
+def _update_known_hosts(address: str, key) -> None:
+    """Replace ``address``'s pinned keys with ``key`` (None: forget them), atomically and locked."""
     path = known_hosts_path()
     with locked("known_hosts"):
-        if not path.exists():
+        keys = paramiko.HostKeys(str(path)) if path.exists() else paramiko.HostKeys()
+        if address not in keys and key is None:
             return
-        keys = paramiko.HostKeys(str(path))
         if address in keys:
             del keys[address]
-            tmp = path.with_suffix(".tmp")
-            keys.save(str(tmp))
-            os.replace(tmp, path)
+        if key is not None:
+            keys.add(address, key.get_name(), key)
+        tmp = path.with_suffix(".tmp")
+        keys.save(str(tmp))
+        os.replace(tmp, path)
 
 
 class BootedConnection(Connection):

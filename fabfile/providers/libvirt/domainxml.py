@@ -109,6 +109,10 @@ def render_domain(plan: DomainPlan) -> str:
         ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
         if readonly:
             ET.SubElement(disk, "readonly")
+    # No USB controller and no balloon: libvirt adds both by default, and each is a driver to load
+    # and a device to emulate for nothing.
+    ET.SubElement(devices, "controller", {"type": "usb", "model": "none"})
+    ET.SubElement(devices, "memballoon", {"model": "none"})
     nic = ET.SubElement(devices, "interface", {"type": "bridge"})
     ET.SubElement(nic, "source", {"bridge": plan.bridge})
     ET.SubElement(nic, "mac", {"address": plan.mac})

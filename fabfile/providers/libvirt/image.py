@@ -31,7 +31,7 @@ from fabfile.output import progress
 from fabfile.state import atomic_write, locked
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 SEED_LABEL = "booted-seed"
 SEED_SIZE = 4 * 1024 * 1024
 
@@ -51,7 +51,10 @@ rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 printf '/dev/vda / ext4 defaults 0 1\n' > /etc/fstab
 systemctl enable systemd-networkd.service systemd-networkd-wait-online.service booted-seed.service \
     booted-callhome.service >/dev/null 2>&1
-systemctl mask systemd-resolved.service >/dev/null 2>&1 || true
+# Under TCG every unit costs seconds: mask what a small server VM does not use.
+systemctl mask systemd-resolved.service e2scrub_reap.service e2scrub_all.timer apt-daily.timer \
+    apt-daily-upgrade.timer man-db.timer fstrim.timer systemd-binfmt.service sys-kernel-debug.mount \
+    sys-kernel-tracing.mount dev-hugepages.mount getty@tty1.service >/dev/null 2>&1 || true
 : > /etc/machine-id
 """
 
@@ -78,6 +81,22 @@ if [ "$(cat /etc/booted/seed-identity 2>/dev/null || true)" != "$new" ]; then
 fi
 umount "$mnt"
 """
+
+# The VM's SSH host key comes from its seed (booted made it and pinned it before the first
+# connection), so sshd generates no keys at boot: RSA key generation alone takes tens of seconds
+# under TCG.
+SSHD_DROPIN = """[Service]
+ExecStartPre=
+ExecStartPre=/usr/sbin/sshd -t
+"""
+SSHD_CONFIG = "HostKey /etc/ssh/ssh_host_ed25519_key\n"
+
+# Drivers for hardware a booted VM does not have or need; udev would load them all at boot.
+MODPROBE_BLACKLIST = "".join(
+    f"blacklist {m}\ninstall {m} /bin/true\n"
+    for m in ("floppy", "pcspkr", "cfg80211", "kvm", "kvm_amd", "kvm_intel", "ccp", "drm", "psmouse",
+              "serio_raw", "i2c_piix4", "ata_piix", "ata_generic", "efi_pstore", "binfmt_misc", "virtio_balloon")
+)
 
 SEED_UNIT = """[Unit]
 Description=booted: apply this VM's identity from its seed disk
@@ -115,6 +134,7 @@ def base_digest(rootfs_marker: str, disk_mb: int) -> str:
     """Names the base image: changes when the local base, this recipe or the disk size change."""
     text = json.dumps({"rootfs": rootfs_marker, "recipe": RECIPE_VERSION, "customize": VM_CUSTOMIZE,
                        "seed": SEED_SCRIPT + SEED_UNIT, "disk_mb": disk_mb,
+                       "vm": SSHD_DROPIN + SSHD_CONFIG + MODPROBE_BLACKLIST,
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -171,6 +191,9 @@ def _install_files(root: Path, provision_script: str) -> None:
     files["/usr/local/sbin/booted-seed"] = (SEED_SCRIPT, 0o755)
     files["/etc/systemd/system/booted-seed.service"] = (SEED_UNIT, 0o644)
     files["/usr/local/lib/booted/provision"] = (provision_script, 0o755)
+    files["/etc/systemd/system/ssh.service.d/booted-keygen.conf"] = (SSHD_DROPIN, 0o644)
+    files["/etc/ssh/sshd_config.d/booted-vm.conf"] = (SSHD_CONFIG, 0o644)
+    files["/etc/modprobe.d/booted-vm.conf"] = (MODPROBE_BLACKLIST, 0o644)
     for path, (content, mode) in files.items():
         atomic_write(root / path.lstrip("/"), content, mode=mode)
 
@@ -210,6 +233,8 @@ class Seed:
     gateway: str
     mac: str
     callhome_conf: str  # empty: the VM does not call home (built outside an environment)
+    host_key: str  # the VM's SSH host key (OpenSSH ed25519 private key) and its public line
+    host_key_pub: str
 
     def network_file(self) -> str:
         return (
@@ -227,10 +252,21 @@ class Seed:
             "pubkey": (self.pubkey + "\n", 0o644),
             "files/etc/hostname": (self.hostname + "\n", 0o644),
             "files/etc/systemd/network/10-booted.network": (self.network_file(), 0o644),
+            "files/etc/ssh/ssh_host_ed25519_key": (self.host_key, 0o600),
+            "files/etc/ssh/ssh_host_ed25519_key.pub": (self.host_key_pub + "\n", 0o644),
         }
         if self.callhome_conf:
             files["files/etc/booted/callhome.conf"] = (self.callhome_conf, 0o600)
         return files
+
+
+def new_host_key(hostname: str) -> tuple[str, str]:
+    """A fresh ed25519 SSH host key pair: (private key file text, public key line)."""
+    with tempfile.TemporaryDirectory(prefix="booted-hostkey-") as tmp:
+        path = Path(tmp) / "key"
+        localcmd.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{hostname}", "-f", str(path)],
+                     timeout=30)
+        return path.read_text(), (Path(tmp) / "key.pub").read_text().strip()
 
 
 def make_seed_disk(seed: Seed, dest: Path) -> Path:

@@ -193,7 +193,7 @@ class LibvirtProvider(Provider):
         with locked("libvirt-base-volumes"):  # VMs are built in parallel; one copies the base
             for role, src in (("disk", base.disk), ("kernel", base.kernel), ("initrd", base.initrd)):
                 vol = self._volume(hv, src.name)
-                if vol is None or vol.info()[1] != src.stat().st_size:  # missing, or a cut-off copy
+                if vol is None:  # the name carries the digest: a present volume is this base (copies are atomic)
                     progress(f"libvirt: copying {src.name} to the storage pool on {hv.uri}")
                     vol = self._store_file(hv, src, src.name)
                 paths[role] = vol.path()
@@ -317,14 +317,19 @@ class LibvirtProvider(Provider):
         conf = ""
         if env is not None:
             conf = callhome.host_config(env.name, record.image, self.callhome_url())
+        hostname = names.hostname_for(record.image)
+        host_key, host_key_pub = image.new_host_key(hostname)
         seed = image.Seed(
-            identity=record.seed_id, hostname=names.hostname_for(record.image), user=ssh.user(self.config),
+            identity=record.seed_id, hostname=hostname, user=ssh.user(self.config),
             pubkey=Path(ssh.keypair(self.config)[1]).read_text().strip(), address=record.address,
             prefixlen=self.subnet.prefixlen, gateway=self.subnet.gateway, mac=record.mac, callhome_conf=conf,
+            host_key=host_key, host_key_pub=host_key_pub,
         )
         name = f"{self.domain_name(record.image)}.seed"
         with tempfile.TemporaryDirectory(prefix="booted-seed-") as tmp:
-            return self._store_file(hv, image.make_seed_disk(seed, Path(tmp) / name), name)
+            vol = self._store_file(hv, image.make_seed_disk(seed, Path(tmp) / name), name)
+        ssh.pin(record.address, host_key_pub)  # checked from the very first connection
+        return vol
 
     def domain_type(self, hv: Hypervisor) -> str:
         try:
