@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from fabfile.providers import load_config
-from fabfile.core import config as config_mod
 from fabfile.hosts import inventory as inv_mod
 from fabfile.hosts.bootlog import Call
 from fabfile.core.errors import ConfigError, UsageError

@@ -17,7 +17,7 @@ from fabfile.services import release
 from fabfile.services import manifest as services
 from fabfile.core import ssh
 from fabfile.core.config import Config, Environment
-from fabfile.core.errors import BootedError, HostError, ProviderError, WaitTimeout
+from fabfile.core.errors import BootedError, WaitTimeout
 from fabfile.core.http import http_request
 from fabfile.core.fanout import HostResult, fan_out, raise_if_failed
 from fabfile.hosts.inventory import Inventory
