@@ -15,9 +15,8 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (pip install -e '.[test]')")
 
-from fabfile import config  # noqa: E402
-from fabfile.errors import ConfigError, ProviderError  # noqa: E402
-from fabfile.providers import get_provider  # noqa: E402
+from fabfile.core.errors import ConfigError, ProviderError  # noqa: E402
+from fabfile.providers import get_provider, load_config  # noqa: E402
 from fabfile.providers.libvirt import domainxml, hypervisor, image  # noqa: E402
 from fabfile.providers.libvirt.provider import LibvirtProvider  # noqa: E402
 
@@ -43,7 +42,7 @@ def world(tmp_path, monkeypatch):
     path = tmp_path / "environments.yaml"
     path.write_text(CONFIG.format(storage=storage))
     monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    cfg = config.load(path)
+    cfg = load_config(path)
     base_dir = tmp_path / "base"
     base_dir.mkdir()
     base = image.base_files(base_dir, "0123456789abcdef")
@@ -81,10 +80,11 @@ def debugfs_cat(img: Path, path: str) -> str:
 
 
 def test_registered_by_name_and_loaded_only_when_used():
-    code = ("import sys; from fabfile.providers import get_provider; from fabfile import config;"
-            "get_provider('local', config.load()); print('fabfile.providers.libvirt.provider' in sys.modules)")
+    code = ("import sys; from fabfile.providers import get_provider, load_config;"
+            "get_provider('local', load_config()); print('fabfile.providers.libvirt.provider' in sys.modules,"
+            " 'libvirt' in sys.modules)")
     out = subprocess.run([sys_python(), "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "False False", out.stderr
 
 
 def sys_python():
@@ -200,7 +200,7 @@ def test_rebuild_keeps_address_and_identity_and_refuses_running(world):
 def test_another_state_dir_does_not_see_or_touch_these_vms(world, tmp_path, monkeypatch):
     world.build("vm-w1", world.env)
     monkeypatch.setenv("BOOTED_STATE_DIR", str(tmp_path / "other-state"))
-    other = get_provider("libvirt", config.load(tmp_path / "environments.yaml"))
+    other = get_provider("libvirt", load_config(tmp_path / "environments.yaml"))
     assert other.list() == []
     with pytest.raises(ProviderError, match="no such libvirt image"):
         other.delete("vm-w1")
@@ -303,12 +303,12 @@ def test_libvirt_settings_are_validated_with_file_and_line(tmp_path, line, messa
     envs = CONFIG.format(storage="/x").split("environments:\n", 1)[1]
     path.write_text(f"providers:\n  libvirt:\n    cpus: 1\n    {line}\nenvironments:\n{envs}")
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        load_config(path)
     assert str(info.value).startswith(f"{path}:4: {message}"), str(info.value)
 
 
 def test_shipped_kvm_environment_uses_the_libvirt_provider():
-    cfg = config.load(ROOT / "environments.yaml")
+    cfg = load_config(ROOT / "environments.yaml")
     kvm = cfg.env("kvm")
     assert kvm.provider == "libvirt" and len(kvm.loadbalancers) == 1 and len(kvm.workers) == 2
     assert cfg.providers["libvirt"]["uri"] == "qemu:///system"

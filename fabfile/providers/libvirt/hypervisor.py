@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fabfile import localcmd
-from fabfile.errors import ProviderError
-from fabfile.output import progress
+from fabfile.core import localcmd
+from fabfile.core.errors import ProviderError
+from fabfile.core.output import progress
 
 try:  # the bindings are an optional dependency: only the libvirt provider needs them
     import libvirt

@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fabfile import callhome, localcmd
-from fabfile.errors import ProviderError, WaitTimeout
-from fabfile.output import progress
-from fabfile.state import atomic_write, locked
+from fabfile.core import localcmd
+from fabfile.hosts import callhome
+from fabfile.core.errors import ProviderError, WaitTimeout
+from fabfile.core.output import progress
+from fabfile.core.state import atomic_write, locked
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
 RECIPE_VERSION = "2"

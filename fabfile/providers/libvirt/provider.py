@@ -27,16 +27,18 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from fabfile import callhome, localnet, names, ssh
-from fabfile.errors import ProviderError, WaitTimeout
-from fabfile.output import progress, wait_until
-from fabfile.state import locked, state_dir
+from fabfile.core import names, ssh
+from fabfile.hosts import callhome
+from fabfile.providers.local import network as localnet
+from fabfile.core.errors import ProviderError, WaitTimeout
+from fabfile.core.output import progress, wait_until
+from fabfile.core.state import locked, state_dir
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
-from fabfile.providers.local import HOST_PROVISION, LocalProvider, image_cache_dir
+from fabfile.providers.local.provider import HOST_PROVISION, LocalProvider, image_cache_dir
 
-from . import domainxml, image
-from .domainxml import DomainPlan, HostRecord
-from .hypervisor import Hypervisor, bindings
+from fabfile.providers.libvirt import domainxml, image
+from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
+from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
 
 DEFAULT_HYPERVISOR = "default"
 
@@ -83,9 +85,9 @@ class LibvirtProvider(Provider):
     def hypervisor(self, name: str = DEFAULT_HYPERVISOR) -> Hypervisor:
         return self.hypervisors[name]
 
-    def callhome_url(self) -> str:
-        """Where VMs call home: booted's nginx on this machine's address on the bridge."""
-        return callhome.callhome_url(self.subnet.gateway, self.config.nginx["port"])
+    def booted_address(self) -> str:
+        """Where VMs reach booted's nginx: this machine's address on the bridge (the subnet's gateway)."""
+        return self.subnet.gateway
 
     # ------------------------------------------------------------------ storage
     def pool(self, hv: Hypervisor):
@@ -418,6 +420,5 @@ class LibvirtProvider(Provider):
                     "console": facts.console_log if facts else "", "taps": facts.taps if facts else []},
         )
 
-    def teardown_network(self) -> None:
-        """Remove the bridge (tests; or a user cleaning up after every VM is gone)."""
-        localnet.remove_bridge(self.bridge)
+
+PROVIDER = LibvirtProvider
