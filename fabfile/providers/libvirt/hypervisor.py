@@ -65,6 +65,9 @@ class Hypervisor:
                 self._conn = lv.open(self.uri)
             except lv.libvirtError as err:
                 raise ProviderError(self.explain_open_failure(err)) from None
+            if self.local and kvm_device_needs_udev_mode():
+                progress("libvirt: /dev/kvm is root-only, so libvirt re-probes QEMU on every call (slow); "
+                         "fix: chgrp kvm /dev/kvm; chmod 0660 /dev/kvm")
         return self._conn
 
     def explain_open_failure(self, err) -> str:
@@ -102,6 +105,35 @@ def _pid(name: str) -> int | None:
     return pid if localcmd.process_alive(pid, name.encode()) else None
 
 
+KVM_DEVICE = Path("/dev/kvm")
+
+
+def kvm_device_needs_udev_mode() -> bool:
+    """True if /dev/kvm exists but is root-only (no udev gave it group kvm, mode 0660).
+
+    libvirt then finds on every call that the qemu user cannot use KVM although its cached QEMU
+    capabilities say KVM works, and probes QEMU again: 8 s per connection, ~50 s per domain define.
+    """
+    try:
+        st = KVM_DEVICE.stat()
+    except OSError:
+        return False
+    return not st.st_mode & 0o060
+
+
+def give_kvm_device_udev_mode() -> None:
+    """What udev does on a normal system: /dev/kvm group kvm, mode 0660."""
+    import grp
+
+    try:
+        gid = grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        return
+    os.chown(KVM_DEVICE, 0, gid)
+    os.chmod(KVM_DEVICE, 0o660)
+    progress("libvirt: gave /dev/kvm group kvm, mode 0660 (as udev would)")
+
+
 def start_daemons(timeout: float = 60) -> list[str]:
     """Start virtlogd and libvirtd on a machine without systemd as PID 1; return the ones started.
 
@@ -109,6 +141,8 @@ def start_daemons(timeout: float = 60) -> list[str]:
     """
     if not daemon_installed():
         raise ProviderError(f"libvirtd is not installed: {INSTALL_DAEMON}")
+    if kvm_device_needs_udev_mode():
+        give_kvm_device_udev_mode()
     started = []
     os.makedirs("/run/libvirt", exist_ok=True)
     for name in ("virtlogd", "libvirtd"):

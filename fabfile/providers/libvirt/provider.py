@@ -199,7 +199,26 @@ class LibvirtProvider(Provider):
                     progress(f"libvirt: copying {src.name} to the storage pool on {hv.uri}")
                     vol = self._store_file(hv, src, src.name)
                 paths[role] = vol.path()
+            self._drop_stale_bases(hv, keep=base.digest)
         return paths
+
+    def _drop_stale_bases(self, hv: Hypervisor, keep: str) -> None:
+        """Delete base images of older recipes that no domain on ``hv`` (anyone's) boots from."""
+        lv = bindings()
+        in_use = {keep}
+        for dom in hv.conn.listAllDomains(0):
+            try:
+                text = dom.XMLDesc(0)
+            except lv.libvirtError:
+                return  # cannot tell: keep everything
+            in_use.update(part.split(".")[0] for part in text.split("booted-base-")[1:])
+        for vol in self.pool(hv).listAllVolumes(0):
+            name = vol.name()
+            if name.startswith("booted-base-") and name[len("booted-base-"):].split(".")[0] not in in_use:
+                try:
+                    vol.delete(0)
+                except lv.libvirtError:
+                    pass
 
     # ------------------------------------------------------------------ records
     def _domains(self):
@@ -294,7 +313,10 @@ class LibvirtProvider(Provider):
             if overlay is None:
                 capacity = hv.conn.storageVolLookupByPath(base["disk"]).info()[1]
                 xml = domainxml.render_overlay_volume(f"{dom_name}.qcow2", capacity, base["disk"])
-                overlay = pool.createXMLFrom(xml, overlay_from, 0) if overlay_from is not None else pool.createXML(xml, 0)
+                if overlay_from is None:
+                    overlay = pool.createXML(xml, 0)
+                else:
+                    overlay = self._copy_overlay(hv, overlay_from, f"{dom_name}.qcow2", xml)
                 made.append(overlay)
             seed = self._write_seed(hv, record, env)
             made.append(seed)
@@ -313,6 +335,22 @@ class LibvirtProvider(Provider):
                 except lv.libvirtError:
                     pass
             raise ProviderError(f"libvirt {hv.uri}: {err.get_error_message()}", image=record.image) from None
+
+    def _copy_overlay(self, hv: Hypervisor, source, name: str, xml: str):
+        """A copy of a stopped VM's disk: on this machine a copy of its overlay file (a few MB, still
+        backed by the base image); elsewhere libvirt's volume clone (a full, flattened copy)."""
+        if hv.local and self.storage_dir.is_dir():
+            src = Path(source.path())
+            tmp = self.storage_dir / f".{name}.tmp"
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.storage_dir / name)
+            self.pool(hv).refresh(0)
+            vol = self._volume(hv, name)
+            if vol is not None:
+                return vol
+            (self.storage_dir / name).unlink(missing_ok=True)
+        return self.pool(hv).createXMLFrom(xml, source, 0)
 
     def _write_seed(self, hv: Hypervisor, record: HostRecord, env):
         """(Re)write the VM's seed disk from its record and the environment it belongs to."""
