@@ -1,13 +1,19 @@
 """booted: one machine as a small private cloud for a web service."""
 import atexit
 import gc
+import sys
 
 from invoke import Collection
 
 # Interpreter shutdown tears down every module and collects cycles; freezing first skips most of it.
 atexit.register(gc.freeze)
 
-from . import deploy, envmanager, hostbuilder, hostmanager, monitor
+from . import deploy, envmanager, hostbuilder, hostmanager, monitor, taskutil
+
+# `fab` (or `inv`) is the program loading this collection: give it booted's usage rules (TASK --help, exit 2).
+for _main in ("fabric.main", "invoke.main"):
+    if getattr(sys.modules.get(_main), "program", None) is not None:
+        taskutil.install_usage_errors(sys.modules[_main].program)
 
 ns = Collection()
 for _task in (
@@ -15,7 +21,7 @@ for _task in (
     hostbuilder.image_build, hostbuilder.image_clone, hostbuilder.image_del, hostbuilder.image_list,
     hostbuilder.image_start, hostbuilder.image_stop,
     hostmanager.hosts_clear, hostmanager.hosts_filter, hostmanager.hosts_list, hostmanager.hosts_logged,
-    hostmanager.hosts_reset, hostmanager.restart_nginx, hostmanager.hosts_forget,
+    hostmanager.hosts_reset, hostmanager.restart_nginx, hostmanager.nginx_stop, hostmanager.hosts_forget,
     monitor.monitor,
     *deploy.tasks(),
 ):

@@ -37,6 +37,42 @@ def ensure_nginx(cfg: Config) -> None:
         progress(f"booted nginx {action} on port {cfg.nginx['port']}")
 
 
+def stop_nginx(force: bool = False) -> str:
+    """Stop booted's nginx unless an image install needs it (``force``: even then); says what happened."""
+    busy = nginxctl.users()
+    if busy and not force:
+        raise BootedError(f"booted's nginx is serving the install of {', '.join(busy)}; not stopped "
+                          "(wait for the build, or pass --force)")
+    return "booted nginx stopped" if nginxctl.stop() else "booted nginx was not running"
+
+
+def running_environments(cfg: Config) -> list[str]:
+    """Environments with at least one running image (providers that are not installed run nothing)."""
+    running = []
+    for provider_name in sorted({e.provider for e in cfg.environments.values()}):
+        prov = get_provider(provider_name, cfg)
+        if not prov.installed():
+            continue
+        up = {m.name for m in prov.list() if m.running}
+        running += [e.name for e in cfg.environments.values() if e.provider == provider_name and up & set(e.images)]
+    return sorted(running)
+
+
+def stop_nginx_if_idle(cfg: Config) -> str:
+    """After an environment stopped: stop booted's nginx if no environment runs and no install needs it."""
+    try:
+        others = running_environments(cfg)
+    except BootedError as err:
+        return f"booted nginx kept running: could not tell whether other environments run ({err})"
+    if others:
+        return f"booted nginx kept running for {', '.join(others)}"
+    busy = nginxctl.users()
+    if busy:
+        return f"booted nginx kept running for the install of {', '.join(busy)}"
+    return ("booted nginx stopped (no environment runs; --keep-nginx keeps it)" if nginxctl.stop()
+            else "booted nginx is not running")
+
+
 def boot_timeout(cfg: Config, env: Environment) -> float:
     return float(cfg.provider_settings(env.provider)["boot_timeout_s"]) + 30.0
 

@@ -10,7 +10,7 @@ from .errors import BootedError, ProviderError
 def image_build(c, image=None, provider=None):
     """Build an image unattended (VirtualBox: kickstart install; local: Debian container)."""
     cfg = load_config()
-    image, env, prov = resolve_image(cfg, image, provider)
+    image, env, prov = resolve_image(cfg, image, provider, new=True)
     machine = provider_for(cfg, prov).build(image, env)
     say(f"built {machine.name} ({prov}): {machine.state}")
 

@@ -41,6 +41,10 @@ class Provider(abc.ABC):
         self.config = config
         self.settings = config.provider_settings(self.name)
 
+    def installed(self) -> bool:
+        """Whether this machine has what the provider drives (a provider that is not installed runs nothing)."""
+        return True
+
     @abc.abstractmethod
     def build(self, image: str, env: "Environment | None") -> Machine:
         """Create ``image`` (install it, for VirtualBox) so that it can be started."""

@@ -13,7 +13,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import media, names
+from .. import localcmd, media, names
 from ..errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from ..output import progress, wait_until
 from ..state import atomic_write_json, locked, read_json, state_dir
@@ -164,6 +164,9 @@ class VirtualBoxProvider(Provider):
     def __init__(self, config: "Config", vbox: VBoxManage | None = None):
         super().__init__(config)
         self.vbox = vbox or VBoxManage()
+
+    def installed(self) -> bool:
+        return localcmd.which(self.vbox.executable) is not None
 
     # ----------------------------------------------------------------- paths and clone notes
     @staticmethod
