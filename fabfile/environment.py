@@ -37,6 +37,16 @@ def ensure_nginx(cfg: Config) -> None:
         progress(f"booted nginx {action} on port {cfg.nginx['port']}")
 
 
+def build_image(cfg: Config, prov: Provider, image: str, env: Environment | None):
+    """``prov.build``, with booted's nginx running for the whole build if the provider's installer needs it
+    (its kickstart); nginx-stop and env-stop leave it running until the build ends."""
+    if not prov.build_needs_endpoint:
+        return prov.build(image, env)
+    ensure_nginx(cfg)
+    with nginxctl.serving(image):
+        return prov.build(image, env)
+
+
 def stop_nginx(force: bool = False) -> str:
     """Stop booted's nginx unless an image install needs it (``force``: even then); says what happened."""
     busy = nginxctl.users()
@@ -94,7 +104,7 @@ def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, 
             started[image] = None
             return "already running"
         if machine is None:
-            prov.build(image, env)
+            build_image(cfg, prov, image, env)
         started[image] = time.time()
         machine = prov.start(image)
         return f"started ({', '.join(machine.addresses) or 'address pending'})"

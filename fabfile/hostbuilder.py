@@ -1,6 +1,7 @@
 """Images: build, clone, list, start, stop and delete machines through their provider."""
 from __future__ import annotations
 
+from . import environment
 from .output import say, table
 from .taskutil import confirm, load_config, provider_for, resolve_image, task
 from .errors import BootedError, ProviderError
@@ -11,7 +12,7 @@ def image_build(c, image=None, provider=None):
     """Build an image unattended (VirtualBox: kickstart install; local: Debian container)."""
     cfg = load_config()
     image, env, prov = resolve_image(cfg, image, provider, new=True)
-    machine = provider_for(cfg, prov).build(image, env)
+    machine = environment.build_image(cfg, provider_for(cfg, prov), image, env)
     say(f"built {machine.name} ({prov}): {machine.state}")
 
 

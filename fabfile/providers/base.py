@@ -36,6 +36,9 @@ class Provider(abc.ABC):
     """A source of hosts. Every method takes validated image names."""
 
     name = "abstract"
+    # Whether build() needs booted's nginx (an installer fetching its kickstart from it); the build flow
+    # starts nginx first and keeps it for the build.
+    build_needs_endpoint = False
 
     def __init__(self, config: "Config"):
         self.config = config
