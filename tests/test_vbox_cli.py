@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fabfile.providers.vboxmanage import VBoxManage
+from fabfile.providers.virtualbox.vboxmanage import VBoxManage
 from tests.vbox_fixtures import (  # noqa: F401  (fixtures used by name)
     IMAGE,
     provider_in,
@@ -97,7 +97,7 @@ def test_timed_out_build_keeps_logs_and_console_and_names_the_copy(vbox_lab):
 
 def test_build_without_the_kickstart_answering_keeps_the_installer_console(vbox_lab, vbox_provider, monkeypatch):
     """nginx dies after the check: the stand-in's installer cannot fetch inst.ks and hangs; the console copy says so."""
-    import fabfile.media as media
+    import fabfile.providers.virtualbox.media as media
 
     def check_then_stop(config, image, timeout=5.0):
         url = real_check(config, image, timeout)
@@ -172,7 +172,7 @@ def test_an_image_no_provider_holds_is_one_line(vbox_lab):
 
 # ----------------------------------------------------------------------------- item 7
 def test_nginx_stop_is_refused_during_a_build_and_stops_after(vbox_lab, vbox_provider):
-    from fabfile import nginxctl
+    from fabfile.hosts import endpoint as nginxctl
 
     with nginxctl.serving("lab-web2"):
         proc = vbox_lab.fab("nginx-stop")

@@ -212,22 +212,23 @@ def stop_nginx(lab: VBoxLab) -> None:
 
 def start_nginx(lab: VBoxLab) -> None:
     """booted's nginx for this lab, started in this process (for provider calls made in-process)."""
-    from fabfile import config as config_mod, nginxctl
+    from fabfile.hosts import endpoint as nginxctl
+    from fabfile.providers import load_config
 
-    nginxctl.restart(config_mod.load(lab.config), rotate=False)
+    nginxctl.restart(load_config(lab.config), rotate=False)
 
 
 def provider_in(lab: VBoxLab, monkeypatch):
     """A VirtualBoxProvider in this process, seeing ``lab``'s environment."""
-    from fabfile import config as config_mod
-    from fabfile.providers.virtualbox import VirtualBoxProvider
+    from fabfile.providers import load_config
+    from fabfile.providers.virtualbox.provider import VirtualBoxProvider
 
     for key in [k for k in os.environ if k.startswith(("BOOTED_", "VBOX_"))]:
         monkeypatch.delenv(key)
     for key, value in lab.env.items():
         if key.startswith(("BOOTED_", "VBOX_")) or key == "PATH":
             monkeypatch.setenv(key, value)
-    return VirtualBoxProvider(config_mod.load(lab.config))
+    return VirtualBoxProvider(load_config(lab.config))
 
 
 def world_root(prefix: str) -> Path:
@@ -262,9 +263,9 @@ def _built_template(root: Path) -> VBoxLab:
 
 
 def _lab_env(lab: VBoxLab):
-    from fabfile import config as config_mod
+    from fabfile.providers import load_config
 
-    return config_mod.load(lab.config).environments["lab"]
+    return load_config(lab.config).environments["lab"]
 
 
 @pytest.fixture
