@@ -33,7 +33,7 @@ def cli_host(lab):
         else:
             raise AssertionError(f"cli-box never called home: {deadline_output}")
         with lab.activated():
-            from fabfile import ssh
+            from fabfile.core import ssh
 
             with ssh.connect(lab.host_address("cli-box"), lab.config()) as conn:  # booted pins the key here
                 conn.run("true", hide=True, in_stream=False)
