@@ -24,13 +24,19 @@ Simulation knobs (environment variables):
                                 has address 192.168.<56+n>.1
   VBOX_STANDIN_OSTYPES          comma-separated OS type IDs this VirtualBox knows (default: a built-in list)
   VBOX_STANDIN_INSTALL_SECONDS  a VM started with boot1=net that finds its PXE loader in the NAT TFTP
-                                directory and has a DVD attached "installs" and powers off after this
-                                long (default 0.2); without them it keeps running (a stuck installer)
+                                directory and has a DVD attached fetches the inst.ks= URL of its PXE entry
+                                (as the EL9 installer does; 10.0.2.2 is the host's loopback only with
+                                --nat-localhostreachable1 on), then "installs" and powers off after this
+                                long (default 0.2); without them, or if the kickstart does not answer, it
+                                keeps running (a stuck installer). With --uart1 on and --uart-mode1 file PATH
+                                the guest's console lines go to PATH.
   VBOX_STANDIN_ACPI_SECONDS     an installed guest powers off this long after acpipowerbutton (default 0.1)
   VBOX_STANDIN_IGNORE_ACPI      set: acpipowerbutton does nothing
   VBOX_STANDIN_NO_GA            set: guests report no guest properties (no Guest Additions)
   VBOX_STANDIN_LOCKED_ONCE      SUB or "any": the next session-locking SUB call fails once with the lock error
   VBOX_STANDIN_LOCKED_ALWAYS    SUB or "any": every session-locking SUB call fails with the lock error
+  VBOX_STANDIN_LOCKED_RATE      0..1: each session-locking call fails with the lock error with this probability
+                                (another client holding the VM's session lock, reference §10)
   VBOX_STANDIN_FAIL             SUB[,SUB]: those subcommands fail (exit 1, NS_ERROR_FAILURE)
   VBOX_STANDIN_ERROR_AT_EXIT0   SUB[,SUB]: those subcommands print an error, do nothing, and exit 0
   VBOX_STANDIN_GHOST_VM         NAME: ``list vms`` also shows a VM that showvminfo cannot find (deleted meanwhile)
@@ -183,6 +189,11 @@ class Options:
                         if i >= len(argv):
                             raise Syntax(f"Option {name} needs a value [stand-in wording]")
                         value = argv[i]
+                    if callable(takes) and takes(value):  # a second value follows (--uartN IOBASE IRQ)
+                        i += 1
+                        if i >= len(argv):
+                            raise Syntax(f"Missing or invalid argument to '{name}' [stand-in wording]")
+                        value = (value, argv[i])
                 else:
                     if eq:
                         raise Syntax(f"Option {name} takes no value [stand-in wording]")
@@ -301,6 +312,9 @@ def take_write_lock(reg, vm, sub):
     once = os.environ.get("VBOX_STANDIN_LOCKED_ONCE", "")
     if always in (sub, "any"):
         raise lock_error(vm, sub)
+    rate = env_float("VBOX_STANDIN_LOCKED_RATE", 0.0)
+    if rate and int.from_bytes(os.urandom(4), "big") < rate * 2 ** 32:
+        raise lock_error(vm, sub)
     if once in (sub, "any") and not faults.get("locked_once_used"):
         faults["locked_once_used"] = True
         reg.save()
@@ -413,6 +427,11 @@ def _modifyvm_spec():
     for new, old in pairs:
         for n in spelled(new, old):
             indexed[n] = True
+    # Serial ports (VirtualBox's modifyvm option table): --uartN off | IOBASE IRQ; --uart-modeN (also --uartmodeN)
+    # disconnected | server|client|tcpserver|tcpclient|file PATH | DEVICE.
+    indexed["--uart"] = lambda first: first.lower() not in ("off", "disable")
+    for n in spelled("--uart-mode", "--uartmode"):
+        indexed[n] = lambda first: first.lower() in ("server", "client", "tcpserver", "tcpclient", "file")
     if v7:  # new in 7.0, both spellings (§1, §2.2)
         indexed["--nat-localhostreachable"] = indexed["--natlocalhostreachable"] = True
     if version_tuple() >= (7, 2):  # only in the 2025 man page (§1)
@@ -426,7 +445,8 @@ _CANON = {"--os-type": "--ostype", "--rtc-use-utc": "--rtcuseutc", "--nic-type":
           "--nat-network": "--natnetwork", "--mac-address": "--macaddress", "--nat-pf": "--natpf",
           "--nat-net": "--natnet", "--nat-tftp-prefix": "--nattftpprefix", "--nat-tftp-file": "--nattftpfile",
           "--nat-tftp-server": "--nattftpserver", "--nat-dns-host-resolver": "--natdnshostresolver",
-          "--nic-boot-prio": "--nicbootprio", "--nat-localhostreachable": "--natlocalhostreachable"}
+          "--nic-boot-prio": "--nicbootprio", "--nat-localhostreachable": "--natlocalhostreachable",
+          "--uart-mode": "--uartmode"}
 
 
 def cmd_modifyvm(reg, args):
@@ -496,6 +516,23 @@ def cmd_modifyvm(reg, args):
             nic["bootprio"] = int(value)
         elif name == "--natpf":
             nic.setdefault("natpf", []).append(value)
+        elif name == "--uart":
+            if slot > 4:
+                raise Syntax(f"Invalid index {slot} for {name} [stand-in wording]")
+            uart = vm.setdefault("uarts", {}).setdefault(str(slot), {})
+            if isinstance(value, tuple):
+                try:
+                    iobase, irq = int(value[0], 0), int(value[1])
+                except ValueError:
+                    raise Failure(f"Error parsing UART I/O base '{value[0]}'", "E_INVALIDARG") from None
+                uart.update(enabled=True, iobase=iobase, irq=irq)
+            else:
+                uart["enabled"] = False
+        elif name == "--uartmode":
+            if slot > 4:
+                raise Syntax(f"Invalid index {slot} for {name} [stand-in wording]")
+            uart = vm.setdefault("uarts", {}).setdefault(str(slot), {})
+            uart["mode"] = list(value) if isinstance(value, tuple) else [value]
         else:  # adapters, networks, TFTP settings: stored as given
             nic[name.lstrip("-")] = value
     reg.save()
@@ -710,9 +747,51 @@ def cmd_startvm(reg, args):
                   and os.path.isfile(reg.data["media"][att["medium"]]["path"]) for att in vm["attachments"].values())
         disk = any(att["type"] == "hdd" for att in vm["attachments"].values())
         if os.path.isfile(loader) and dvd and disk:
-            vm["install_at"] = t + env_float("VBOX_STANDIN_INSTALL_SECONDS", 0.2)
+            console(vm, f"PXE boot: {os.path.basename(loader)} from the NAT TFTP server (10.0.2.4)")
+            fetched = fetch_kickstart(vm, prefix)
+            if fetched is True:
+                vm["install_at"] = t + env_float("VBOX_STANDIN_INSTALL_SECONDS", 0.2)
+                console(vm, "anaconda: kickstart fetched; installing")
+            else:  # the installer waits at its kickstart for ever (dracut keeps retrying)
+                console(vm, f"dracut-initqueue: Warning: failed to fetch kickstart from {fetched}")
     reg.save()
     print(f'VM "{vm["name"]}" has been successfully started.')
+
+
+def console(vm, line):
+    """What the guest writes to COM1, when --uart1 is on with --uart-mode1 file PATH (PortMode_RawFile)."""
+    uart = vm.get("uarts", {}).get("1", {})
+    mode = uart.get("mode", [])
+    if uart.get("enabled") and len(mode) == 2 and mode[0].lower() == "file":
+        with open(mode[1], "a") as fh:
+            fh.write(line + "\n")
+
+
+def fetch_kickstart(vm, tftp_prefix):
+    """The installer's first step: GET the ``inst.ks=`` URL of the PXE entry (pxelinux.cfg/default).
+    True if it answered 200, else the URL and why not. From the guest, 10.0.2.2 is the host; it reaches
+    the host's loopback only with --nat-localhostreachable1 on (VirtualBox 7 NAT, reference §6.1)."""
+    try:
+        with open(os.path.join(tftp_prefix, "pxelinux.cfg", "default")) as fh:
+            match = re.search(r"inst\.ks=(\S+)", fh.read())
+    except OSError:
+        match = None
+    if not match:
+        return "(no inst.ks= in pxelinux.cfg/default)"
+    url = match.group(1)
+    nic1 = vm["nics"]["1"]
+    if url.startswith("http://10.0.2.2:"):
+        if nic1.get("natlocalhostreachable") != "on":
+            return f"{url} (host loopback not reachable through NAT)"
+        url = "http://127.0.0.1:" + url[len("http://10.0.2.2:"):]
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            resp.read()
+            return True
+    except Exception as err:  # noqa: BLE001 - any failure leaves the installer waiting
+        return f"{match.group(1)} ({err})"
 
 
 def cmd_controlvm(reg, args):

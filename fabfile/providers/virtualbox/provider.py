@@ -8,16 +8,19 @@ message. ``list()`` reports every registered VM, booted's or not.
 """
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import time
 import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fabfile.providers.virtualbox import media
-from fabfile.core import names
+from fabfile.core import localcmd, names
 from fabfile.core.errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from fabfile.core.output import progress, wait_until
-from fabfile.core.state import atomic_write_json, locked, read_json, state_dir
+from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
 from fabfile.providers.virtualbox.vboxmanage import VBoxError, VBoxManage, guest_addresses, mac_colon, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names
 
@@ -46,6 +49,7 @@ _LEGACY_SPELLING = {
     "--nat-tftp-file": "--nattftpfile",
     "--nic-boot-prio": "--nicbootprio",
     "--rtc-use-utc": "--rtcuseutc",
+    "--uart-mode": "--uartmode",
 }
 
 
@@ -101,10 +105,17 @@ def storage_argvs(target: str, disk: str, disk_mb: int, iso: str) -> list[list[s
     ]
 
 
+def console_argv(target: str, console_file: str, version: tuple[int, ...]) -> list[str]:
+    """COM1 (I/O 0x3F8, IRQ 4) written to ``console_file`` on this machine: the installer's console output
+    (its kernel line says console=ttyS0). VBoxManage modifyvm ``--uartN IOBASE IRQ`` and
+    ``--uart-modeN file PATH`` (older spelling ``--uartmodeN``), from VirtualBox's modifyvm option table."""
+    return ["modifyvm", target, "--uart1", "0x3F8", "4", _opt("--uart-mode", version, 1), "file", console_file]
+
+
 def after_install_argvs(target: str) -> list[list[str]]:
-    """Boot from disk from now on (no PXE reinstall loop, §11) and remove the install DVD (§2.3)."""
+    """Boot from disk from now on (no PXE reinstall loop, §11), no console file, and remove the install DVD."""
     return [
-        ["modifyvm", target, "--boot1", "disk", "--boot2", "none"],
+        ["modifyvm", target, "--boot1", "disk", "--boot2", "none", "--uart1", "off"],
         ["storageattach", target, "--storagectl", CONTROLLER, "--port", str(DVD_PORT), "--device", "0",
          "--medium", "none"],
     ]
@@ -150,10 +161,14 @@ def _reason(err: BaseException) -> str:
 # --------------------------------------------------------------------------- the provider
 class VirtualBoxProvider(Provider):
     name = "virtualbox"
+    build_needs_endpoint = True  # the installer fetches its kickstart from booted's nginx
 
     def __init__(self, config: "Config", vbox: VBoxManage | None = None):
         super().__init__(config)
         self.vbox = vbox or VBoxManage()
+
+    def installed(self) -> bool:
+        return localcmd.which(self.vbox.executable) is not None
 
     # ----------------------------------------------------------------- paths and clone notes
     @staticmethod
@@ -161,6 +176,11 @@ class VirtualBoxProvider(Provider):
         path = state_dir() / "virtualbox"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @staticmethod
+    def console_file(image: str) -> Path:
+        """Where a VM being installed writes its serial console (outside its folder: deleting the VM keeps it)."""
+        return state_path("virtualbox-console", f"{names.check('image', image)}.log")
 
     @staticmethod
     def _notes_path() -> Path:
@@ -296,10 +316,16 @@ class VirtualBoxProvider(Provider):
                     raise ProviderError("already exists; delete it first (fab image-del --image NAME)", image=image)
                 tftp_dir = Path(media.stage_install(self.config, env, image))
                 made["staged"] = True
+                # The installer stops for good if its inst.ks URL does not answer: check it before any VM exists.
+                url = media.check_kickstart_served(self.config, image)
+                progress(f"{image}: booted's nginx serves its kickstart at {url}")
                 self.vbox.run("createvm", "--name", image, "--ostype", os_type, "--basefolder", str(base),
                               "--uuid", vm_uuid, "--register", image=image)
                 made["vm"] = True
             self.vbox.run(*hardware_argv(vm_uuid, self.settings, version, str(tftp_dir), media.BOOT_FILE), image=image)
+            console = self.console_file(image)
+            console.unlink(missing_ok=True)
+            self.vbox.run(*console_argv(vm_uuid, str(console), version), image=image)
             ctl, mkdisk, attach_disk, attach_dvd = storage_argvs(
                 vm_uuid, disk, self.settings["disk_mb"], str(media.iso_path(self.config)))
             self.vbox.run(*ctl, image=image)
@@ -314,8 +340,7 @@ class VirtualBoxProvider(Provider):
             installed = self._wait_state(
                 vm_uuid, image, done=lambda s: s == "poweroff", timeout=timeout,
                 what="to finish installing (the kickstart powers it off)", fail=FAILED_STATES,
-                hint=f"see its console or {base / image / 'Logs'}; raise providers.virtualbox.build_timeout_s "
-                     "if the install is only slow")
+                hint="raise providers.virtualbox.build_timeout_s if the install is only slow")
             for argv in after_install_argvs(vm_uuid):
                 self.vbox.run(*argv, image=image)
         except (BootedError, KeyboardInterrupt) as err:
@@ -328,20 +353,23 @@ class VirtualBoxProvider(Provider):
                                 result=getattr(err, "result", None)) from None
         # The kickstart holds the host's call-home key: it must not stay downloadable once installed.
         media.unstage_install(image)
+        self.console_file(image).unlink(missing_ok=True)
         return self._machine(vm_uuid, image, installed)
 
     def _undo_build(self, image: str, vm_uuid: str, made: dict[str, bool], disk: str) -> str:
-        """Remove what a failed build made; say what is left, and how to remove it, if that fails."""
+        """Remove what a failed build made, after keeping its diagnostics; say where they are and what is
+        left (with the command that removes it) if removal fails."""
         media.unstage_install(image)
         if not made["vm"]:
             return "nothing was created"
-        progress(f"{image}: build failed; removing the half-built VM")
+        progress(f"{image}: build failed; keeping its logs, then removing the half-built VM")
         left = []  # what could not be removed, each with the command that removes it
         try:
             if self._info(vm_uuid, image).get("VMState", "") not in STOPPED_STATES:
                 self._poweroff(vm_uuid, image)
         except BootedError as err:
             left.append(f"the VM is still running ({_reason(err)}): VBoxManage controlvm {vm_uuid} poweroff")
+        kept = self._keep_diagnostics(image, vm_uuid)
         if made["disk"] and not made["disk_attached"]:  # an attached disk goes with unregistervm --delete
             try:
                 self.vbox.run("closemedium", "disk", disk, "--delete", image=image)
@@ -351,9 +379,30 @@ class VirtualBoxProvider(Provider):
             self.vbox.run("unregistervm", vm_uuid, "--delete", image=image)
         except BootedError as err:
             left.append(f"VM {vm_uuid} ({_reason(err)}): VBoxManage unregistervm {vm_uuid} --delete")
-        if left:
-            return "could not remove all of the half-built VM; left: " + "; ".join(left)
-        return "removed the half-built VM"
+        said = "could not remove all of the half-built VM; left: " + "; ".join(left) if left \
+            else "removed the half-built VM"
+        return f"{said}; its logs and console output are kept in {kept}" if kept else said
+
+    def _keep_diagnostics(self, image: str, vm_uuid: str) -> Path | None:
+        """Copy the VM's log folder (VBox.log*, ``LogFldr`` in showvminfo) and its serial console into
+        ``<state>/diagnostics/<image>-<time>/`` before ``unregistervm --delete`` removes them."""
+        try:
+            info = self._info(vm_uuid, image, missing_ok=True) or {}
+        except BootedError:
+            info = {}
+        logs = Path(info["LogFldr"]) if info.get("LogFldr") else self.basefolder() / image / "Logs"
+        console = self.console_file(image)
+        if not logs.is_dir() and not console.exists():
+            return None
+        dest = state_path("diagnostics", f"{image}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", ".keep").parent
+        try:
+            if logs.is_dir():
+                shutil.copytree(logs, dest / "Logs", dirs_exist_ok=True)
+            if console.exists():
+                shutil.move(str(console), dest / "console.log")
+        except OSError as err:
+            progress(f"{image}: could not keep all of its logs ({err})")
+        return dest
 
     # ----------------------------------------------------------------- clone
     def clone(self, source: str, new: str, env: "Environment | None") -> Machine:
