@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(systemd-container debootstrap nginx-light iproute2 openssh-client git curl
-              python3 python3-venv python3-pip pxelinux syslinux-common ca-certificates)
+              python3 python3-venv python3-pip pxelinux syslinux-common ca-certificates
+              libvirt-clients)
 
 die() { echo "quickstart: $*" >&2; exit 1; }
 
