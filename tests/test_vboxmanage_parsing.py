@@ -1,6 +1,6 @@
 """VBoxManage output parsing and the command wrapper's failure/retry rules, as tables of input -> expected.
 
-Inputs are the shapes quoted in /work/shared/reference/virtualbox.md (§1, §3, §5, §7, §13).
+Inputs are the shapes quoted in docs/virtualbox.md (§1, §3, §5, §7, §13).
 """
 from __future__ import annotations
 
@@ -309,7 +309,7 @@ def test_wrapper_failures_are_one_line_provider_errors(wrapper, monkeypatch, res
 
 
 def test_wrapper_success_predicate_overrides_exit_status(wrapper, monkeypatch):
-    # Vagrant's startvm rule (§3.1): the success text counts even with exit status 1.
+    # Vagrant's startvm rule (docs/virtualbox.md §3.1): the success text counts even with exit status 1.
     monkeypatch.setattr(localcmd, "run", FakeRuns((1, 'VM "web1" has been successfully started.\n', "")))
     result = wrapper.run("startvm", "web1", success=lambda r: "successfully started" in r.stdout)
     assert result.returncode == 1

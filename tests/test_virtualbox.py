@@ -71,7 +71,7 @@ def test_hardware_command_per_version(version, rtc_audio, nics):
 
 @pytest.mark.parametrize("version", [row[0] for row in HARDWARE_TABLE], ids=lambda v: ".".join(map(str, v)))
 def test_each_version_accepts_the_hardware_command_made_for_it(vbox_lab, version):
-    # The stand-in knows which spellings and options each version parses (§1, §2.2 of the reference).
+    # The stand-in knows which spellings and options each version parses (docs/virtualbox.md §1, §2.2).
     knobs = {"VBOX_STANDIN_VERSION": ".".join(map(str, version)) + "r1"}
     made = vbox_lab.vboxmanage("createvm", "--name", "probe", "--ostype", "RedHat9_64", "--register", env=knobs)
     assert made.returncode == 0, made.stderr

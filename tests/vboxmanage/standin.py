@@ -1,17 +1,17 @@
 """A stand-in for VirtualBox 7's VBoxManage, for booted's tests; ``VBoxManage`` next to this file runs it.
 
 It accepts only real VBoxManage subcommands and options, as documented in
-/work/shared/reference/virtualbox.md (both spellings where §1/§2.2 say both parse), keeps its registry in
+docs/virtualbox.md (both spellings where its §1/§2.2 say both parse), keeps its registry in
 ``$VBOX_STANDIN_HOME/state.json`` (VMs, snapshots, NICs, storage, media) and writes the files a real one
 would (``.vbox``, ``.vdi``, ``Logs/``) so tests can check that deletion removes them. Failures use the
-three-line ``VBoxManage: error:`` form with VirtualBox's codes; exit 1 on failure, 2 on bad arguments (§1).
-Where the reference does not quote VirtualBox's wording the message is marked ``[stand-in wording]``.
+three-line ``VBoxManage: error:`` form with VirtualBox's codes; exit 1 on failure, 2 on bad arguments (docs/virtualbox.md §1).
+Where docs/virtualbox.md does not quote VirtualBox's wording the message is marked ``[stand-in wording]``.
 Every call is appended to ``$VBOX_STANDIN_HOME/invocations.jsonl`` (one JSON list per line).
 
 Real subcommands it does not implement fail with exit 2 and say so, so a test notices a provider using one.
 Modelled behaviour beyond the syntax: commands that change a VM need its session lock, which a running VM
-holds (§10); a linked clone's disk is a child of its source's, so unregistervm of the source is refused;
-an installed guest that runs reports its addresses like Guest Additions do (§7): 10.0.2.15 on a NAT NIC,
+holds (docs/virtualbox.md §10); a linked clone's disk is a child of its source's, so unregistervm of the source is refused;
+an installed guest that runs reports its addresses like Guest Additions do (docs/virtualbox.md §7): 10.0.2.15 on a NAT NIC,
 192.168.56.<100 + last MAC byte % 150> on a host-only NIC.
 
 Time-dependent state is computed when read (no daemon): a running VM stores when it started and when it
@@ -36,7 +36,7 @@ Simulation knobs (environment variables):
   VBOX_STANDIN_LOCKED_ONCE      SUB or "any": the next session-locking SUB call fails once with the lock error
   VBOX_STANDIN_LOCKED_ALWAYS    SUB or "any": every session-locking SUB call fails with the lock error
   VBOX_STANDIN_LOCKED_RATE      0..1: each session-locking call fails with the lock error with this probability
-                                (another client holding the VM's session lock, reference §10)
+                                (another client holding the VM's session lock, docs/virtualbox.md §10)
   VBOX_STANDIN_FAIL             SUB[,SUB]: those subcommands fail (exit 1, NS_ERROR_FAILURE)
   VBOX_STANDIN_ERROR_AT_EXIT0   SUB[,SUB]: those subcommands print an error, do nothing, and exit 0
   VBOX_STANDIN_GHOST_VM         NAME: ``list vms`` also shows a VM that showvminfo cannot find (deleted meanwhile)
@@ -216,7 +216,7 @@ class Options:
 
 
 def spelled(new, old, since7=True):
-    """Both spellings of an option; the hyphenated 7.x one only parses on 7.0+ (§1)."""
+    """Both spellings of an option; the hyphenated 7.x one only parses on 7.0+ (docs/virtualbox.md §1)."""
     names = [old] if old else []
     if new and (version_tuple() >= (7, 0) or not since7):
         names.append(new)
@@ -306,7 +306,7 @@ def lock_error(vm, sub):
 
 
 def take_write_lock(reg, vm, sub):
-    """Commands that change a VM take its session lock (§10): a running VM holds it; knobs fake a holder."""
+    """Commands that change a VM take its session lock (docs/virtualbox.md §10): a running VM holds it; knobs fake a holder."""
     faults = reg.data.setdefault("faults", {})
     always = os.environ.get("VBOX_STANDIN_LOCKED_ALWAYS", "")
     once = os.environ.get("VBOX_STANDIN_LOCKED_ONCE", "")
@@ -432,9 +432,9 @@ def _modifyvm_spec():
     indexed["--uart"] = lambda first: first.lower() not in ("off", "disable")
     for n in spelled("--uart-mode", "--uartmode"):
         indexed[n] = lambda first: first.lower() in ("server", "client", "tcpserver", "tcpclient", "file")
-    if v7:  # new in 7.0, both spellings (§1, §2.2)
+    if v7:  # new in 7.0, both spellings (docs/virtualbox.md §1, §2.2)
         indexed["--nat-localhostreachable"] = indexed["--natlocalhostreachable"] = True
-    if version_tuple() >= (7, 2):  # only in the 2025 man page (§1)
+    if version_tuple() >= (7, 2):  # only in the 2025 man page (docs/virtualbox.md §1, §6.2)
         indexed["--nat-enable-tftp"] = True
     return plain, indexed
 
@@ -770,7 +770,7 @@ def console(vm, line):
 def fetch_kickstart(vm, tftp_prefix):
     """The installer's first step: GET the ``inst.ks=`` URL of the PXE entry (pxelinux.cfg/default).
     True if it answered 200, else the URL and why not. From the guest, 10.0.2.2 is the host; it reaches
-    the host's loopback only with --nat-localhostreachable1 on (VirtualBox 7 NAT, reference §6.1)."""
+    the host's loopback only with --nat-localhostreachable1 on (VirtualBox 7 NAT, docs/virtualbox.md §6.1)."""
     try:
         with open(os.path.join(tftp_prefix, "pxelinux.cfg", "default")) as fh:
             match = re.search(r"inst\.ks=(\S+)", fh.read())
@@ -1029,7 +1029,7 @@ def cmd_unregistervm(reg, args):
 
 
 def guest_props(reg, vm):
-    """What Guest Additions in an installed, booted guest report (§7)."""
+    """What Guest Additions in an installed, booted guest report (docs/virtualbox.md §7)."""
     if vm["state"] != "running" or vm.get("install_at") or os.environ.get("VBOX_STANDIN_NO_GA"):
         return {}
     if not boots_installed_disk(reg, vm):

@@ -1,7 +1,7 @@
 """VirtualBox VMs as booted images: kickstart install over NAT TFTP PXE, linked clones, headless runs.
 
-Every VirtualBox fact used here is from /work/shared/reference/virtualbox.md (section numbers below).
-VMs live under ``<state>/virtualbox/<image>/`` and are addressed by UUID once created (§1). Install
+Every VirtualBox fact used here is in docs/virtualbox.md (section numbers below).
+VMs live under ``<state>/virtualbox/<image>/`` and are addressed by UUID once created (docs/virtualbox.md §1). Install
 media (ISO check, kickstart, per-VM TFTP folder) come from ``fabfile.providers.virtualbox.media``. Which image a linked clone
 hangs off is noted in ``<state>/virtualbox.json``, so deleting a clone's source is refused with a clear
 message. ``list()`` reports every registered VM, booted's or not.
@@ -27,18 +27,18 @@ from fabfile.providers.virtualbox.vboxmanage import VBoxError, VBoxManage, guest
 if TYPE_CHECKING:
     from fabfile.core.config import Config, Environment
 
-SNAPSHOT = "booted-base"          # the snapshot of a source image that its linked clones share (§5)
+SNAPSHOT = "booted-base"          # the snapshot of a source image that its linked clones share (docs/virtualbox.md §5)
 CONTROLLER = "SATA"
 DISK_PORT, DVD_PORT = 0, 1
-FALLBACK_OS_TYPE = "RedHat_64"    # generic ID older VirtualBox versions have (§2.1)
+FALLBACK_OS_TYPE = "RedHat_64"    # generic ID older VirtualBox versions have (docs/virtualbox.md §2.1)
 NIC_SLOTS = 8
 POWEROFF_TIMEOUT_S = 60           # `controlvm poweroff` pulls the plug; this only covers a very busy host
-# States in which a VM holds no running process: safe to delete, nothing to stop (§3.4 state names).
+# States in which a VM holds no running process: safe to delete, nothing to stop (docs/virtualbox.md §3.4).
 STOPPED_STATES = {"poweroff", "aborted", "saved", "aborted-saved", "teleported"}
 STARTABLE_STATES = {"poweroff", "aborted", "saved", "aborted-saved"}
 FAILED_STATES = {"aborted", "aborted-saved", "gurumeditation"}
 
-# 7.x spells modifyvm options with hyphens; 7.1 still parses the older names (§1, §2.2). Older versions
+# 7.x spells modifyvm options with hyphens; 7.1 still parses the older names (docs/virtualbox.md §1, §2.2). Older versions
 # only know the older names, so pick by version.
 _LEGACY_SPELLING = {
     "--nic-type": "--nictype",
@@ -61,11 +61,11 @@ def _opt(name: str, version: tuple[int, ...], slot: int | None = None) -> str:
 # --------------------------------------------------------------------------- command plans (pure)
 def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...], tftp_dir: str,
                   boot_file: str) -> list[str]:
-    """The one ``modifyvm`` call that sets up a new VM for a PXE kickstart install (§2.2, §6, §11).
+    """The one ``modifyvm`` call that sets up a new VM for a PXE kickstart install (docs/virtualbox.md §2.2, §6, §11).
 
     NIC 1: NAT, whose built-in TFTP server serves ``tftp_dir`` and whose DHCP offers ``boot_file`` (relative
-    to ``tftp_dir``, §6.2); through it the installer fetches its kickstart from the host's nginx at 10.0.2.2,
-    which on 7.0+ needs ``--nat-localhostreachable1`` (§6.1). NIC 2: host-only, where booted reaches the host.
+    to ``tftp_dir``, docs/virtualbox.md §6.2); through it the installer fetches its kickstart from the host's nginx at 10.0.2.2,
+    which on 7.0+ needs ``--nat-localhostreachable1`` (docs/virtualbox.md §6.1). NIC 2: host-only, where booted reaches the host.
     """
     v = version
     argv = [
@@ -83,7 +83,7 @@ def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...
     if v >= (7, 0):
         argv += ["--nat-localhostreachable1", "on"]
     if v >= (7, 2):
-        # 7.2's NAT engine has a TFTP switch whose default was not established (§6.2): set it.
+        # 7.2's NAT engine has a TFTP switch whose default was not established (docs/virtualbox.md §6.2): set it.
         argv += ["--nat-enable-tftp1", "on"]
     argv += [
         "--nic2", "hostonly", _opt("--host-only-adapter", v, 2), settings["hostonly_adapter"],
@@ -93,7 +93,7 @@ def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...
 
 
 def storage_argvs(target: str, disk: str, disk_mb: int, iso: str) -> list[list[str]]:
-    """Controller, new disk, disk attachment, install DVD attachment (§2.3)."""
+    """Controller, new disk, disk attachment, install DVD attachment (docs/virtualbox.md §2.3)."""
     return [
         ["storagectl", target, "--name", CONTROLLER, "--add", "sata", "--controller", "IntelAhci",
          "--portcount", "2", "--bootable", "on"],
@@ -113,7 +113,7 @@ def console_argv(target: str, console_file: str, version: tuple[int, ...]) -> li
 
 
 def after_install_argvs(target: str) -> list[list[str]]:
-    """Boot from disk from now on (no PXE reinstall loop, §11), no console file, and remove the install DVD."""
+    """Boot from disk from now on (no PXE reinstall loop, docs/virtualbox.md §11), no console file, and remove the install DVD."""
     return [
         ["modifyvm", target, "--boot1", "disk", "--boot2", "none", "--uart1", "off"],
         ["storageattach", target, "--storagectl", CONTROLLER, "--port", str(DVD_PORT), "--device", "0",
@@ -122,7 +122,7 @@ def after_install_argvs(target: str) -> list[list[str]]:
 
 
 def clone_argvs(source: str, new: str, new_uuid: str, basefolder: str, version: tuple[int, ...]) -> list[list[str]]:
-    """Linked clone of ``source``'s snapshot, then fresh MACs on both NICs (§5.2, §2.2)."""
+    """Linked clone of ``source``'s snapshot, then fresh MACs on both NICs (docs/virtualbox.md §5.2, §2.2)."""
     return [
         ["clonevm", source, "--snapshot", SNAPSHOT, "--options", "link", "--name", new,
          "--uuid", new_uuid, "--basefolder", basefolder, "--register"],
@@ -199,7 +199,7 @@ class VirtualBoxProvider(Provider):
 
     # ----------------------------------------------------------------- reading VirtualBox
     def _registered(self) -> dict[str, str]:
-        """name -> UUID of every registered VM (``list vms``, §3.3)."""
+        """name -> UUID of every registered VM (``list vms``, docs/virtualbox.md §3.3)."""
         return {name: uuid for name, uuid in parse_list_vms(self.vbox.run("list", "vms").stdout)}
 
     def _info(self, target: str, image: str, missing_ok: bool = False) -> dict[str, str] | None:
@@ -214,7 +214,7 @@ class VirtualBoxProvider(Provider):
         return parse_machinereadable(out.stdout)
 
     def _guest_props(self, target: str, image: str) -> dict[str, str]:
-        """The guest's network properties (Guest Additions report them, §7); empty if there are none."""
+        """The guest's network properties (Guest Additions report them, docs/virtualbox.md §7); empty if there are none."""
         try:
             out = self.vbox.run("guestproperty", "enumerate", target, "/VirtualBox/GuestInfo/Net/*", image=image)
         except VBoxError as err:
@@ -229,7 +229,7 @@ class VirtualBoxProvider(Provider):
         return machine_from_info(info, props)
 
     def _require(self, image: str) -> tuple[str, dict[str, str]]:
-        """(UUID, showvminfo) of a registered image; every command takes a name as well as a UUID (§1)."""
+        """(UUID, showvminfo) of a registered image; every command takes a name as well as a UUID (docs/virtualbox.md §1)."""
         names.check("image", image)
         info = self._info(image, image)
         return info.get("UUID", image), info
@@ -243,7 +243,7 @@ class VirtualBoxProvider(Provider):
     def list(self) -> list[Machine]:
         machines = []
         for name, uuid in parse_list_vms(self.vbox.run("list", "vms").stdout):
-            # None: deleted by someone else between `list vms` and `showvminfo` (Vagrant ignores these, §10).
+            # None: deleted by someone else between `list vms` and `showvminfo` (Vagrant ignores these, docs/virtualbox.md §10).
             info = self._info(uuid, name, missing_ok=True)
             if info is not None:
                 info.setdefault("name", name)
@@ -281,7 +281,7 @@ class VirtualBoxProvider(Provider):
                           keypath="providers.virtualbox.os_type")
 
     def _check_hostonly(self) -> None:
-        """NIC 2's host-only interface exists and has host_address, the address hosts call home to (§9.1)."""
+        """NIC 2's host-only interface exists and has host_address, the address hosts call home to (docs/virtualbox.md §9.1)."""
         adapter, address = self.settings["hostonly_adapter"], self.settings["host_address"]
         interfaces = {b.get("Name", ""): b for b in parse_hostonlyifs(self.vbox.run("list", "hostonlyifs").stdout)}
         ipconfig = f"`VBoxManage hostonlyif ipconfig {adapter} --ip {address} --netmask 255.255.255.0`"
@@ -446,7 +446,7 @@ class VirtualBoxProvider(Provider):
         try:
             out = self.vbox.run("snapshot", target, "list", "--machinereadable", image=image)
         except VBoxError as err:
-            # A VM without snapshots makes `snapshot list` fail saying it "does not have" any (§5.1).
+            # A VM without snapshots makes `snapshot list` fail saying it "does not have" any (docs/virtualbox.md §5.1).
             result = err.result
             if result is not None and "does not have" in (result.stdout + result.stderr):
                 return []
@@ -512,6 +512,6 @@ class VirtualBoxProvider(Provider):
 
 
 def _started(result) -> bool:
-    """startvm succeeded if it says so, whatever its exit code (Vagrant's rule, §3.1)."""
+    """startvm succeeded if it says so, whatever its exit code (Vagrant's rule, docs/virtualbox.md §3.1)."""
     return 'has been successfully started' in result.stdout
 PROVIDER = VirtualBoxProvider

@@ -1,16 +1,16 @@
 """VBoxManage: the command wrapper and pure parsers for its output.
 
 Everything VirtualBox-specific about *talking to* VBoxManage lives here; what to ask it lives in
-``provider.py``. Facts used (sources in /work/shared/reference/virtualbox.md):
+``provider.py``. Facts used (sources in docs/virtualbox.md):
 
 * Failure is a non-zero exit **or** a ``VBoxManage: error:`` line on stderr, even at exit 0, as Vagrant and
-  Packer treat it (§1). The first such line is the message; ``Details: code NAME (0x...)`` names the code.
-* Output is translated, so every call runs with ``LANG=C LC_ALL=C`` (§1).
+  Packer treat it (docs/virtualbox.md §1). The first such line is the message; ``Details: code NAME (0x...)`` names the code.
+* Output is translated, so every call runs with ``LANG=C LC_ALL=C`` (docs/virtualbox.md §1).
 * Session-lock errors (``VBOX_E_INVALID_OBJECT_STATE``, "is already locked") are transient right after a VM
   powers off or while another client holds the VM; they are retried for up to a minute per call (Packer allows
   five minutes), with exponential backoff and jitter, so a busy VirtualBox delays a build instead of failing it.
 * ``showvminfo --machinereadable`` quotes values (and keys that contain ``=``) and backslash-escapes ``"`` and
-  ``\\`` inside them; some numeric values are unquoted (§3.4).
+  ``\\`` inside them; some numeric values are unquoted (docs/virtualbox.md §3.4).
 """
 from __future__ import annotations
 
@@ -152,14 +152,14 @@ def parse_guestproperties(text: str) -> dict[str, str]:
 
 
 _NET_IP = re.compile(r"^/VirtualBox/GuestInfo/Net/(\d+)/V4/IP$")
-# The per-VM NAT network of NIC 1 (reference §6.1): every VM is 10.0.2.15 there, unreachable from the host.
+# The per-VM NAT network of NIC 1 (docs/virtualbox.md §6.1): every VM is 10.0.2.15 there, unreachable from the host.
 _NAT_PREFIX = "10.0.2."
 
 
 def guest_addresses(props: dict[str, str]) -> list[str]:
     """IPv4 addresses the guest reports, in its interface order, without the NAT-only address.
 
-    Drops ``0.0.0.0`` and addresses ending in ``.1`` as Vagrant does (§7: a DHCP server's address).
+    Drops ``0.0.0.0`` and addresses ending in ``.1`` as Vagrant does (a DHCP server's address; docs/virtualbox.md §7).
     """
     found = []
     for key, value in props.items():
