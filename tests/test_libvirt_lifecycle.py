@@ -312,3 +312,45 @@ def test_shipped_kvm_environment_uses_the_libvirt_provider():
     kvm = cfg.env("kvm")
     assert kvm.provider == "libvirt" and len(kvm.loadbalancers) == 1 and len(kvm.workers) == 2
     assert cfg.providers["libvirt"]["uri"] == "qemu:///system"
+
+
+def test_host_key_is_made_by_booted_and_pinned_before_first_contact(world, tmp_path):
+    world.build("vm-w1", world.env)
+    seed = tmp_path / "seed.img"
+    seed.write_bytes(world.uploads[f"{world.domain_name('vm-w1')}.seed"])
+    pub = debugfs_cat(seed, "/files/etc/ssh/ssh_host_ed25519_key.pub").split()
+    private = debugfs_cat(seed, "/files/etc/ssh/ssh_host_ed25519_key")
+    assert pub[0] == "ssh-ed25519" and "OPENSSH PRIVATE KEY" in private
+    from fabfile.core import ssh
+
+    pinned = [line.split() for line in ssh.known_hosts_path().read_text().splitlines()]
+    assert [p[:3] for p in pinned if p[0] == "10.201.7.2"] == [["10.201.7.2", "ssh-ed25519", pub[1]]]
+    world.delete("vm-w1")  # its address may go to another VM: the pin goes with it
+    assert "10.201.7.2 " not in ssh.known_hosts_path().read_text()
+
+
+def test_base_images_of_older_recipes_are_dropped_unless_a_domain_boots_from_them(world):
+    world.build("vm-w1", world.env)
+    pool = world.pool(world.hypervisor())
+    for name in ("booted-base-00000000000000aa.qcow2", "booted-base-00000000000000bb.vmlinuz"):
+        pool.createXML(domainxml.render_raw_volume(name, 10), 0)
+    # another state dir's VM still boots from the ...bb kernel
+    world.hypervisor().conn.defineXML(
+        "<domain type='test'><name>someone-else</name><memory>65536</memory><os><type>hvm</type>"
+        "<kernel>/x/booted-base-00000000000000bb.vmlinuz</kernel></os></domain>")
+    try:
+        world.build("vm-w2", world.env)
+        vols = {v.name() for v in pool.listAllVolumes(0)}
+        assert "booted-base-00000000000000aa.qcow2" not in vols
+        assert "booted-base-00000000000000bb.vmlinuz" in vols and "booted-base-0123456789abcdef.qcow2" in vols
+    finally:
+        world.hypervisor().conn.lookupByName("someone-else").undefine()
+
+
+@pytest.mark.parametrize("mode, needs", [(0o600, True), (0o660, False), (0o666, False)])
+def test_root_only_dev_kvm_is_detected(tmp_path, monkeypatch, mode, needs):
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    dev.chmod(mode)
+    monkeypatch.setattr(hypervisor, "KVM_DEVICE", dev)
+    assert hypervisor.kvm_device_needs_udev_mode() is needs

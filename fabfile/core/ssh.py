@@ -22,7 +22,7 @@ from fabric import Connection
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError, HostError
-from fabfile.core.state import locked, state_path
+from fabfile.core.state import atomic_write, locked, state_path
 
 DEFAULT_USER = "booted"
 
@@ -76,38 +76,56 @@ class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
             os.replace(tmp, path)
 
 
-def forget(address: str) -> None:
-    """Drop the pinned keys of ``address`` (its host was deleted or rebuilt)."""
-    _update_known_hosts(address, None)
+def forget(address: str) -> int:
+    """Drop every pinned key of ``address`` (its host was deleted or rebuilt); returns how many.
+
+    Every line naming it goes: plain, ``[address]:port`` and hashed (``|1|...``) entries, for any key type.
+    """
+    return _repin(address, None)
 
 
 def pin(address: str, public_key: str) -> None:
-    """Pin ``address``'s host key before first contact (``public_key``: an OpenSSH public key line).
+    """Pin ``address``'s host key before first contact, replacing any pinned before.
 
-    For hosts whose keys booted made itself: the first connection is then checked too.
+    ``public_key`` is an OpenSSH public key line; for hosts whose keys booted made itself, so the
+    very first connection is checked too.
     """
     kind, _, rest = public_key.strip().partition(" ")
     try:
-        key = paramiko.PKey.from_type_string(kind, base64.b64decode(rest.split()[0]))
+        key = paramiko.PKey.from_type_string(kind, base64.b64decode(rest.split()[0], validate=True))
     except (ValueError, IndexError, paramiko.SSHException) as err:
         raise BootedError(f"{address}: not an SSH public key ({err})") from None
-    _update_known_hosts(address, key)
+    _repin(address, f"{address} {key.get_name()} {key.get_base64()}\n")
 
 
-def _update_known_hosts(address: str, key) -> None:
-    """Replace ``address``'s pinned keys with ``key`` (None: forget them), atomically and locked."""
+def _repin(address: str, line: str | None) -> int:
+    """Drop ``address``'s pinned keys and add ``line`` (if any), atomically, under the lock."""
     path = known_hosts_path()
     with locked("known_hosts"):
-        keys = paramiko.HostKeys(str(path)) if path.exists() else paramiko.HostKeys()
-        if address not in keys and key is None:
-            return
-        if address in keys:
-            del keys[address]
-        if key is not None:
-            keys.add(address, key.get_name(), key)
-        tmp = path.with_suffix(".tmp")
-        keys.save(str(tmp))
-        os.replace(tmp, path)
+        if not path.exists() and line is None:
+            return 0
+        kept, dropped = [], 0
+        for old in path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []:
+            fields = old.split()
+            if fields and not old.lstrip().startswith("#") and _names_host(fields[0], address):
+                dropped += 1
+            else:
+                kept.append(old if old.endswith("\n") else old + "\n")
+        if dropped or line:
+            atomic_write(path, "".join(kept) + (line or ""), mode=0o600)
+        return dropped
+
+
+def _names_host(patterns: str, address: str) -> bool:
+    """Whether a known_hosts host field (comma-separated names, maybe hashed) names ``address``."""
+    for name in patterns.split(","):
+        if name.startswith("|1|"):
+            if any(paramiko.HostKeys.hash_host(form, name) == name for form in (address, f"[{address}]:22")):
+                return True
+            continue
+        if name == address or (name.startswith(f"[{address}]:")):
+            return True
+    return False
 
 
 class BootedConnection(Connection):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from fabfile.core import localcmd
 from fabfile.core.errors import ProviderError
 from fabfile.core.output import progress
+from fabfile.providers.libvirt.placement import is_remote_uri
 
 try:  # the bindings are an optional dependency: only the libvirt provider needs them
     import libvirt
@@ -40,12 +40,6 @@ def bindings():
     return libvirt
 
 
-def is_local(uri: str) -> bool:
-    """A URI that names this machine's own daemon (no host part)."""
-    parts = urlsplit(uri)
-    return not parts.hostname and "+" not in parts.scheme
-
-
 class Hypervisor:
     """A named libvirt connection, opened on first use."""
 
@@ -55,7 +49,7 @@ class Hypervisor:
 
     @property
     def local(self) -> bool:
-        return is_local(self.uri)
+        return not is_remote_uri(self.uri)
 
     @property
     def conn(self):

@@ -39,8 +39,7 @@ from fabfile.providers.local.provider import HOST_PROVISION, LocalProvider, imag
 from fabfile.providers.libvirt import domainxml, image
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
 from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
-
-DEFAULT_HYPERVISOR = "default"
+from fabfile.providers.libvirt.placement import DEFAULT_HYPERVISOR, hypervisors_from_settings
 
 
 def owner_tag() -> str:
@@ -62,7 +61,8 @@ class LibvirtProvider(Provider):
 
     def __init__(self, config):
         super().__init__(config)
-        self.hypervisors = {DEFAULT_HYPERVISOR: Hypervisor(DEFAULT_HYPERVISOR, self.settings["uri"])}
+        self.hypervisors = {name: Hypervisor(name, spec.uri)
+                            for name, spec in hypervisors_from_settings(self.settings).items()}
         self._pools: dict[str, object] = {}
         self._base: image.BaseImage | None = None
 
@@ -339,8 +339,8 @@ class LibvirtProvider(Provider):
     def _copy_overlay(self, hv: Hypervisor, source, name: str, xml: str):
         """A copy of a stopped VM's disk: on this machine a copy of its overlay file (a few MB, still
         backed by the base image); elsewhere libvirt's volume clone (a full, flattened copy)."""
-        if hv.local and self.storage_dir.is_dir():
-            src = Path(source.path())
+        src = Path(source.path())
+        if hv.local and self.storage_dir.is_dir() and src.is_file():
             tmp = self.storage_dir / f".{name}.tmp"
             shutil.copyfile(src, tmp)
             os.chmod(tmp, 0o600)

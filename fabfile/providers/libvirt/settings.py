@@ -4,12 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from fabfile.core.config import positive, valid_ifname, valid_network
-
-
-def valid_uri(value: Any) -> str | None:
-    scheme, sep, _ = value.partition("://")
-    ok = sep and scheme and all(c.isalnum() or c == "+" for c in scheme) and not any(c.isspace() for c in value)
-    return None if ok else f"{value!r} is not a libvirt URI like qemu:///system or qemu+ssh://root@hv1/system"
+from fabfile.providers.libvirt.placement import valid_uri
 
 
 def valid_directory(value: Any) -> str | None:
