@@ -40,7 +40,8 @@ def vms(tmp_path_factory) -> VmLab:
         started = time.monotonic()
         result = lab.fab("env-start-all", "--env", "vmlab", timeout=1200)
         print(f"\nlibvirt: env-start-all of 3 VMs took {time.monotonic() - started:.0f}s")
-        assert result.ok, result
+        if not result.ok:
+            pytest.fail(str(result))
         yield lab
     finally:
         lab.teardown()

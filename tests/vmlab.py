@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import Lab, free_port, free_subnet
+from lab import ROOT, Lab, free_port, free_subnet  # noqa: F401  (ROOT: for the tests)
 
 # Shared by test runs, like BOOTED_IMAGE_CACHE: the base image is copied into this pool once.
 # VMs' own volumes carry the lab's owner tag and are removed with it.

@@ -88,7 +88,9 @@ def loadbalancers(cfg: Config, env: Environment) -> list[HostEntry]:
 
 def push(cfg: Config, lb: HostEntry, text: str) -> None:
     with ssh.connect(lb.address, cfg) as conn:
-        ssh.run_with_input(conn, ["sh", "-c", PUSH_SCRIPT, "lb-push"], text.encode(), sudo=True, timeout=30)
+        # the deploy timeout: nginx's first start on a slow host (a VM under software emulation) takes >30 s
+        ssh.run_with_input(conn, ["sh", "-c", PUSH_SCRIPT, "lb-push"], text.encode(), sudo=True,
+                           timeout=float(cfg.deploy["timeout_s"]))
 
 
 def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),
