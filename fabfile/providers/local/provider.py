@@ -130,6 +130,10 @@ class LocalHost:
         """Its cgroups' name: the image and the same state-dir digest its network uses (unique per lab)."""
         return f"{self.name}.{self.link.netns.removeprefix('booted-')}"
 
+    def overlay_workdirs(self) -> list[Path]:
+        """The overlay work directories nspawn makes next to the upper one (``.#upper<random>``)."""
+        return list(self.folder.glob(".#upper*"))
+
     @property
     def cgroups_record(self) -> Path:
         """Where start records the cgroup directories it made (they depend on the caller's cgroups)."""
@@ -404,10 +408,10 @@ class LocalProvider(Provider):
         self._end(host, self._pid(host), force=force)
         return self._machine(host)
 
-    def _end(self, host: LocalHost, pid: int | None, force: bool) -> int:
+    def _end(self, host: LocalHost, pid: int | None, force: bool) -> list[str]:
         """End every process of the host (``force``: at once; else an orderly poweroff first, killed
-        after stop_timeout_s), wait until none is left, then remove its network and cgroups.
-        Returns how many processes had to be killed."""
+        after stop_timeout_s), wait until none is left, then remove its network, cgroups and overlay
+        work directory. Returns what had to be removed by force, in words (empty after an orderly stop)."""
         if pid and not force:
             # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: an orderly poweroff.
             self._signal(pid, signal.SIGTERM)
@@ -417,38 +421,29 @@ class LocalProvider(Provider):
             except WaitTimeout:
                 progress(f"{host.name}: no clean shutdown within {self.settings['stop_timeout_s']}s; killing it")
         processes = self._processes(host, pid)
-        try:
-            killed = processes.kill()
-            containment.remove_cgroups(processes.cgroups)
-        except containment.ContainmentError as err:
-            raise ProviderError(str(err), image=host.name) from err
-        localnet.host_down(host.link)
-        (host.folder / "nspawn.pid").unlink(missing_ok=True)
-        host.cgroups_record.unlink(missing_ok=True)
-        return killed
-
-    def _clean_stale(self, host: LocalHost) -> None:
-        """Remove what a crashed run left of a host that is not running (its nspawn is gone): processes,
-        cgroups, network, overlay work directories; say in one line what was cleaned."""
-        processes = self._processes(host)
         network = localnet.host_present(host.link)
-        workdirs = list(host.folder.glob(".#upper*"))  # nspawn's overlay work dir; an orderly exit removes it
+        workdirs = host.overlay_workdirs()  # an orderly nspawn exit removes it; a killed one cannot
         try:
             killed = processes.kill()
             cgroups = containment.remove_cgroups(processes.cgroups)
         except containment.ContainmentError as err:
-            raise ProviderError(f"cannot clean up after an earlier run: {err}", image=host.name) from err
-        if network:
-            localnet.host_down(host.link)
+            raise ProviderError(str(err), image=host.name) from err
+        localnet.host_down(host.link)
         for workdir in workdirs:
             shutil.rmtree(workdir, ignore_errors=True)
-        host.cgroups_record.unlink(missing_ok=True)
         (host.folder / "nspawn.pid").unlink(missing_ok=True)
-        cleaned = [f"{killed} process(es)" if killed else "", f"cgroups in {cgroups} hierarchies" if cgroups else "",
+        host.cgroups_record.unlink(missing_ok=True)
+        removed = [f"{killed} process(es)" if killed else "", f"its cgroup in {cgroups} hierarchies" if cgroups else "",
                    f"network namespace {host.link.netns}" if network else "",
                    "overlay work directory" if workdirs else ""]
-        if any(cleaned):
-            progress(f"{host.name}: cleaned up after an earlier run: {', '.join(c for c in cleaned if c)}")
+        return [r for r in removed if r]
+
+    def _clean_stale(self, host: LocalHost) -> None:
+        """Remove what a crashed run left of a host whose nspawn is gone (processes, cgroups, network,
+        overlay work directory), saying in one line what was cleaned."""
+        cleaned = self._end(host, None, force=True)
+        if cleaned:
+            progress(f"{host.name}: cleaned up after an earlier run: {', '.join(cleaned)}")
 
     def _make_cgroups(self, host: LocalHost) -> list[Path]:
         limits = containment.Limits(memory_bytes=size_limit(self.settings["memory_max"]),
