@@ -168,6 +168,16 @@ def payload(lab, image: str):
     return [p for p in lab.leftover_processes(image) if not p.nspawn]
 
 
+def init_of(lab, image: str) -> int:
+    """The host's PID 1 (its systemd), as a pid of this machine."""
+    for proc in payload(lab, image):
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        nspid = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()
+        if nspid[-1] == "1":
+            return proc.pid
+    raise AssertionError(f"{image} has no init")
+
+
 @pytest.fixture(scope="module")
 def boxes(lab):
     for image in BOXES:
@@ -190,10 +200,8 @@ def test_each_host_runs_in_cgroups_of_its_own_with_its_limits(boxes):
                 for key, path in cgroups_of(proc.pid).items():
                     assert f"/booted/{image}." in path, (proc, key, path)
             paths[image] = {(k, p) for proc in procs for k, p in cgroups_of(proc.pid).items()}
-            systemd = next(p for p in procs if p.command.startswith("/usr/lib/systemd/systemd") or
-                           p.command.startswith("/sbin/init"))
             limits = {}
-            for d in host_cgroup_dirs(systemd.pid, image):
+            for d in host_cgroup_dirs(init_of(lab, image), image):
                 for knob in ("memory.limit_in_bytes", "memory.max", "pids.max"):
                     if (d / knob).exists():
                         limits[knob] = (d / knob).read_text().strip()
@@ -327,4 +335,18 @@ def test_start_cleans_what_a_crashed_run_left_and_says_so(boxes):
     started = lab.fab("image-start", "--image", image, check=True)
     assert "cleaned up" not in started.stderr, started.stderr
     lab.fab("image-stop", "--image", image, "--force", check=True)
+    assert lab.leftover_processes(image) == []
+
+
+@pytest.mark.local
+def test_a_host_that_does_not_shut_down_is_killed_after_the_stop_timeout(boxes, tmp_path):
+    lab, image = boxes, BOXES[0]
+    quick = tmp_path / "environments.yaml"
+    quick.write_text(lab.config_path.read_text().replace("stop_timeout_s: 20", "stop_timeout_s: 2"))
+    assert quick.read_text() != lab.config_path.read_text()
+    lab.fab("image-start", "--image", image, check=True)
+    os.kill(init_of(lab, image), signal.SIGSTOP)  # its systemd never sees the poweroff request
+    stopped = lab.fab("image-stop", "--image", image, BOOTED_CONFIG=str(quick))
+    assert stopped.ok, stopped
+    assert f"{image}: no clean shutdown within 2s; killing it" in stopped.stderr
     assert lab.leftover_processes(image) == []

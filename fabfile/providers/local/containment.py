@@ -253,13 +253,12 @@ def _make(hierarchy: Hierarchy, folder: Path) -> None:
     for level in [base / GROUP, folder]:
         if hierarchy.v2:
             _enable_v2_controllers(level.parent)
-        try:
-            level.mkdir()
-        except FileExistsError:
-            continue
+        level.mkdir(exist_ok=True)
         if "cpuset" in hierarchy.key.split(","):
+            # also when it exists: a start running alongside may have made it and not filled it yet
             for knob in ("cpuset.cpus", "cpuset.mems"):
-                (level / knob).write_text((level.parent / knob).read_text().strip() or "\n")
+                if not (level / knob).read_text().strip():
+                    (level / knob).write_text((level.parent / knob).read_text().strip() or "\n")
 
 
 def _enable_v2_controllers(folder: Path) -> None:
