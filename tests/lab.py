@@ -122,7 +122,6 @@ class Lab:
                     os.environ[k] = v
 
     def config(self):
-        from fabfile.core import config
 
         return load_config(self.config_path)
 

@@ -167,12 +167,6 @@ def run(
     return run_raw(conn, command, check=check, timeout=timeout, stdin=stdin)
 
 
-def run_script(conn: Connection, script: str, *, sudo: bool = False, check: bool = True,
-               timeout: float | None = None) -> RemoteResult:
-    """Run a fixed shell script (no data interpolated: pass data as positional args via ``sh -c``)."""
-    return run(conn, ["sh", "-c", script], sudo=sudo, check=check, timeout=timeout)
-
-
 def run_raw(conn: Connection, command: str, *, check: bool = True, timeout: float | None = None,
             stdin: str | None = None) -> RemoteResult:
     import io

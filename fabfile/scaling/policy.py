@@ -69,10 +69,6 @@ class Decision:
     pending: int = 0  # workers started, not yet through the health check
     notes: tuple[str, ...] = ()  # what changed on the way (a worker came up, a start failed)
 
-    @property
-    def changes(self) -> bool:
-        return self.action != HOLD
-
     def __str__(self) -> str:
         target = f" {','.join(self.images)}" if self.images else ""
         return f"{self.action}{target}: {self.reason} [ready {self.ready}, pending {self.pending}]"

@@ -1,7 +1,7 @@
 """VBoxManage: the command wrapper and pure parsers for its output.
 
 Everything VirtualBox-specific about *talking to* VBoxManage lives here; what to ask it lives in
-``virtualbox.py``. Facts used (sources in /work/shared/reference/virtualbox.md):
+``provider.py``. Facts used (sources in /work/shared/reference/virtualbox.md):
 
 * Failure is a non-zero exit **or** a ``VBoxManage: error:`` line on stderr, even at exit 0, as Vagrant and
   Packer treat it (§1). The first such line is the message; ``Details: code NAME (0x...)`` names the code.
