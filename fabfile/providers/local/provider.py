@@ -364,8 +364,12 @@ class LocalProvider(Provider):
         ensure_inotify_limits()
         self._clean_stale(host)
         localnet.ensure_bridge(self.bridge, self.subnet)
-        localnet.host_up(host.link, self.bridge, self.subnet, host.address, host.mac)
-        cgroups = self._make_cgroups(host)
+        try:
+            localnet.host_up(host.link, self.bridge, self.subnet, host.address, host.mac)
+            cgroups = self._make_cgroups(host)
+        except BaseException:
+            self._end(host, None, force=True)  # leave no half-made host behind
+            raise
         root = self.image_root()
         argv = [
             "systemd-nspawn", "--boot", "--quiet", "--keep-unit", "--register=no",
@@ -409,7 +413,7 @@ class LocalProvider(Provider):
     def _end(self, host: LocalHost, pid: int | None, force: bool) -> list[str]:
         """End every process of the host (``force``: at once; else an orderly poweroff first, killed
         after stop_timeout_s), wait until none is left, then remove its network, cgroups and overlay
-        work directory. Returns what had to be removed by force, in words (empty after an orderly stop)."""
+        work directory. Returns, in words, what of the host it found and removed."""
         if pid and not force:
             # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: an orderly poweroff.
             self._signal(pid, signal.SIGTERM)
@@ -418,6 +422,7 @@ class LocalProvider(Provider):
                            what=f"{host.name} to shut down", interval=0.05)
             except WaitTimeout:
                 progress(f"{host.name}: no clean shutdown within {self.settings['stop_timeout_s']}s; killing it")
+            pid = self._pid(host)  # still its nspawn, not a reused pid
         processes = self._processes(host, pid)
         network = localnet.host_present(host.link)
         workdirs = host.overlay_workdirs()  # an orderly nspawn exit removes it; a killed one cannot
