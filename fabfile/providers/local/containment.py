@@ -20,6 +20,7 @@ functions below the line touch /proc and /sys.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -146,18 +147,21 @@ def hierarchies() -> list[Hierarchy]:
 
 def processes_by_upperdir() -> dict[str, set[int]]:
     """Every process on this machine whose root is an overlay, by the overlay's upper directory."""
-    by_namespace: dict[str, str | None] = {}
+    by_root: dict[tuple, str | None] = {}  # processes sharing a mount namespace and root share the answer
     found: dict[str, set[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            namespace = os.readlink(f"/proc/{entry}/ns/mnt")
-            if namespace not in by_namespace:
-                by_namespace[namespace] = root_upperdir(Path(f"/proc/{entry}/mountinfo").read_text())
+            root = os.stat(f"/proc/{entry}/root")
+            key = (os.readlink(f"/proc/{entry}/ns/mnt"), root.st_dev, root.st_ino)
+            if key not in by_root:
+                upper = root_upperdir(Path(f"/proc/{entry}/mountinfo").read_text())
+                # the real path, so a state dir named through a symlink still matches
+                by_root[key] = os.path.realpath(upper) if upper else None
         except OSError:
             continue  # gone, or a kernel thread
-        upper = by_namespace[namespace]
+        upper = by_root[key]
         if upper is not None:
             found.setdefault(upper, set()).add(int(entry))
     return found
@@ -185,7 +189,8 @@ class HostProcesses:
 
     def running(self, by_upper: dict[str, set[int]] | None = None) -> set[int]:
         by_upper = processes_by_upperdir() if by_upper is None else by_upper
-        pids = cgroup_processes(self.cgroups) | by_upper.get(str(self.upper), set()) | set(self.pids)
+        on_overlay = by_upper.get(os.path.realpath(self.upper), set())
+        pids = cgroup_processes(self.cgroups) | on_overlay | set(self.pids)
         return {p for p in pids if process_alive(p)}
 
     def kill(self, timeout: float = 15.0) -> int:
@@ -279,11 +284,21 @@ def remove_cgroups(cgroups: list[Path]) -> int:
         if not top.exists():
             continue
         for folder, _dirs, _files in os.walk(top, topdown=False):
-            try:
-                os.rmdir(folder)
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                raise ContainmentError(f"cannot remove cgroup {folder}: {err.strerror}") from err
+            _rmdir(Path(folder))
         removed += 1
     return removed
+
+
+def _rmdir(folder: Path, timeout: float = 5.0) -> None:
+    """rmdir a cgroup; EBUSY while its last processes finish exiting is retried until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            folder.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise ContainmentError(f"cannot remove cgroup {folder}: {err.strerror}") from err
+            time.sleep(0.05)
