@@ -13,13 +13,14 @@ import time
 import pytest
 import yaml
 
-from fabfile import config as config_mod
-from fabfile import inventory as inv_mod
-from fabfile.bootlog import Call
-from fabfile.errors import ConfigError, UsageError
-from fabfile.inventory import HostEntry, Inventory, render
+from fabfile.providers import load_config
+from fabfile.core import config as config_mod
+from fabfile.hosts import inventory as inv_mod
+from fabfile.hosts.bootlog import Call
+from fabfile.core.errors import ConfigError, UsageError
+from fabfile.hosts.inventory import HostEntry, Inventory, render
 from fabfile.providers.base import Machine
-from fabfile.reach import probe_ssh
+from fabfile.hosts.reach import probe_ssh
 
 CONFIG = """\
 environments:
@@ -47,7 +48,7 @@ def cfg(tmp_path, monkeypatch):
     path = tmp_path / "environments.yaml"
     path.write_text(CONFIG)
     monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return config_mod.load(path)
+    return load_config(path)
 
 
 def machine(name, *addresses):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from fabfile import monitord
-from fabfile.config import Environment, MonitorSettings
-from fabfile.errors import BootedError
-from fabfile.scaling import Observation, Sample
+from fabfile.flows import monitor as monitord
+from fabfile.core.config import Environment, MonitorSettings
+from fabfile.core.errors import BootedError
+from fabfile.scaling.policy import Observation, Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,12 @@
+"""The settings `providers.local` takes in environments.yaml: {key: (types, default[, check])}."""
+from __future__ import annotations
+
+from fabfile.core.config import positive, valid_ifname, valid_network
+
+SETTINGS = {
+    "bridge": ((str,), "booted0", valid_ifname),
+    "subnet": ((str,), "10.77.0.0/24", valid_network),
+    "suite": ((str,), "bookworm"),
+    "boot_timeout_s": ((int, float), 60, positive),
+    "stop_timeout_s": ((int, float), 30, positive),
+}
