@@ -76,7 +76,10 @@ def available() -> str | None:
 
 
 class WrkRun:
-    """``with WrkRun(url, connections=16, seconds=20) as run: ...; report = run.wait()``"""
+    """``with WrkRun(url, connections=16, seconds=20) as run: ...; report = run.wait()``
+
+    ``seconds`` is the longest it runs; ``stop()`` ends it sooner (SIGINT: wrk stops sending,
+    collects the answers under way and prints its report as at the end of its time)."""
 
     def __init__(self, url: str, connections: int = 16, seconds: float = 15, threads: int = 2,
                  method: str = "GET", timeout_s: float = 10, delay_ms: float = 0):
@@ -105,6 +108,12 @@ class WrkRun:
             raise WrkError(f"wrk exited {self.proc.returncode}: {out[-2000:]}")
         self.report = parse_report(out)
         return self.report
+
+    def stop(self) -> WrkReport:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.wait()
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
