@@ -67,9 +67,12 @@ def capacity(lab, seconds: float) -> list[list[str]]:
             fab(lab, "env-stop-worker", "--image", leave, "--env", ENV)
         full = wrkload.run(target, connections=64, seconds=seconds)
         saturated[label] = full.rps
-        # about half the saturation rate: 16 paced connections, each pausing between requests
+        # about half the saturation rate: 16 connections, each pausing between requests; a short
+        # run measures what a request costs on top of the pause, the pause is shortened by it
         interval_ms = 16 * 1000.0 / (full.rps / 2)
-        half = wrkload.run(target, connections=16, seconds=seconds, delay_ms=interval_ms)
+        probe = wrkload.run(target, connections=16, seconds=4, delay_ms=interval_ms)
+        overhead_ms = max(0.0, 16 * 1000.0 / probe.rps - interval_ms) if probe.rps else 0.0
+        half = wrkload.run(target, connections=16, seconds=seconds, delay_ms=max(0.5, interval_ms - overhead_ms))
         rows.append([label, f"{full.rps:,.0f}", f"{full.failed}", f"{half.rps:,.0f}",
                      f"{half.latency_ms['p50']:.1f}", f"{half.latency_ms['p99']:.1f}", f"{half.failed}"])
         print(f"  {label}: saturated {full.summary()}\n  {label}: half load {half.summary()}", flush=True)
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print("lab: tearing down", flush=True)
             lab.teardown()
+            left = drills.kill_leftovers(lab, [f"{ENV}-lb", *WORKERS])
+            if left:
+                print(f"lab: killed {len(left)} processes a stopped host had left", flush=True)
             if not args.keep_lab:
                 shutil.rmtree(root, ignore_errors=True)
         finally:

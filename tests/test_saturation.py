@@ -30,10 +30,14 @@ def sat(lab):
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    result = lab.fab("env-start-all", "--env", ENV, timeout=1500)
-    assert result.ok, result
-    yield lab
-    lab.fab("env-stop", "--env", ENV, timeout=300)
+    try:
+        result = lab.fab("env-start-all", "--env", ENV, timeout=1500)
+        assert result.ok, result
+        yield lab
+    finally:
+        lab.fab("env-stop", "--env", ENV, timeout=300)
+        # a forced stop may leave a host's processes behind (the test above reports it); end them
+        drills.kill_leftovers(lab, [f"{ENV}-lb", *WORKERS])
 
 
 def worker_version(lab, image: str) -> str | None:

@@ -70,8 +70,10 @@ for pid in $old; do
 done
 """
 
-# Passive checks (see README "Reliability"): 2 failures within 3 s take a primary out for 3 s.
-MAX_FAILS = 2
+# Passive checks (see README "Reliability"): one failure takes a primary out for 3 s. One, not
+# more: each failure of a powered-off worker costs a request a timeout first. The backups make a
+# healthy worker taken out by mistake harmless.
+MAX_FAILS = 1
 FAIL_TIMEOUT = "3s"
 # Idle connections to workers kept per nginx worker process.
 UPSTREAM_KEEPALIVE = 32
@@ -87,10 +89,11 @@ PROXY_SETTINGS = """\
         proxy_next_upstream error timeout http_502 http_503 http_504;
         proxy_next_upstream_tries {tries};
         proxy_next_upstream_timeout 15s;
-        # a powered-off worker must cost a request 1 s, not the 60 s default, before the retry
+        # a powered-off worker must cost a request 1 s, not the 60 s default, before the retry;
+        # a request already sent to it waits the read timeout (hello answers in milliseconds)
         proxy_connect_timeout 1s;
-        proxy_send_timeout 5s;
-        proxy_read_timeout 5s;"""
+        proxy_send_timeout 3s;
+        proxy_read_timeout 3s;"""
 
 
 @dataclass(frozen=True)

@@ -334,7 +334,7 @@ def stop_image(cfg: Config, env: Environment, image: str) -> None:
         loadbalancer.update(cfg, env, svc.port, workers=[w for w in entries if w.image != image])
         for entry in (w for w in entries if w.image == image):
             try:
-                with ssh.connect(entry.address, cfg) as conn:
+                with ssh.connect(entry.address, cfg, timeout=3) as conn:   # a dead worker is often why
                     drain_wait(conn, svc, image)
             except BootedError as err:  # unreachable: nothing to drain, stop it all the same
                 progress(f"{image}: not drained ({err})")
