@@ -121,7 +121,6 @@ class Lab:
                     os.environ[k] = v
 
     def config(self):
-        from fabfile.core import config
 
         return load_config(self.config_path)
 
@@ -241,6 +240,14 @@ environments:
       workers: [solo-box]
     service: hello
     version: v2
+  cli:
+    provider: local
+    images: [cli-box]
+    roles:
+      loadbalancers: [cli-box]
+      workers: [cli-box]
+    service: hello
+    version: v1
   disco:
     provider: local
     images: [disco-1, disco-2, disco-3]

@@ -21,7 +21,6 @@ import pytest
 from fabfile.providers import load_config
 from fabfile.hosts import bootlog
 from fabfile.hosts import callhome
-from fabfile.core import config as config_mod
 from fabfile.hosts.bootlog import BootedLog, Call, parse_line
 from fabfile.core.errors import BootedError
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from fabfile.providers import load_config
-from fabfile.core import config
 from fabfile.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from fabfile.providers import load_config
-from fabfile.core import config as config_mod
 from fabfile.hosts import inventory as inv_mod
 from fabfile.hosts.bootlog import Call
 from fabfile.core.errors import ConfigError, UsageError
@@ -306,7 +305,7 @@ def test_real_ansible_inventory_reads_the_ansible_format(entries, tmp_path):
         f"-o UserKnownHostsFile='{tmp_path}/known hosts' -o StrictHostKeyChecking=yes")
 
 
-# --------------------------------------------------------------------------- reachability (fabfile/reach.py)
+# --------------------------------------------------------------------------- reachability (fabfile/hosts/reach.py)
 class Listeners:
     """Real sockets on one port: listening, silent (accept queue full: SYNs are dropped), closed."""
 

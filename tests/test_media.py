@@ -19,7 +19,6 @@ from pykickstart.version import makeVersion
 
 from fabfile.providers import load_config
 from fabfile.hosts import callhome
-from fabfile.core import config
 from fabfile.core import localcmd
 from fabfile.providers.virtualbox import media
 from fabfile.core import names

@@ -1,4 +1,4 @@
-"""The monitor daemon (fabfile/monitord.py) without real hosts: probes against a local HTTP server,
+"""The monitor daemon (fabfile/flows/monitor.py) without real hosts: probes against a local HTTP server,
 the log, the state file, the one-monitor lock, and the loop's signal handling with a fake environment."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path

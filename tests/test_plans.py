@@ -99,7 +99,6 @@ def test_fan_out_reports_every_host_and_keeps_order(capsys):
 
 
 def test_load_balancer_config_marks_drained_workers_down_and_changes_its_id():
-    from fabfile.core import config
     from fabfile.balancing import loadbalancer
 
     env = load_config().env("local")

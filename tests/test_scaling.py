@@ -1,4 +1,4 @@
-"""The monitor's scaling policy (fabfile/scaling.py), driven with a fake clock and a simulated environment."""
+"""The monitor's scaling policy (fabfile/scaling/policy.py), driven with a fake clock and a simulated environment."""
 from __future__ import annotations
 
 import dataclasses

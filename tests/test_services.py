@@ -1,4 +1,4 @@
-"""Service manifests (fabfile/services.py) and service repositories (fabfile/servicerepo.py)."""
+"""Service manifests (fabfile/services/manifest.py) and service repositories (fabfile/services/repo.py)."""
 from __future__ import annotations
 
 import http.client

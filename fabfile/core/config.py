@@ -14,6 +14,7 @@ Layout (see environments.yaml for a commented example)::
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -285,20 +286,34 @@ class Config:
         return self.providers[name]
 
 
-_MONITOR_SPEC = {
-    "latency_high_ms": ((int, float), 300.0, positive),
-    "latency_low_ms": ((int, float), 60.0, positive),
-    "max_error_rate": ((int, float), 0.0, lambda v: None if 0 <= v < 1 else "must be from 0 up to 1"),
-    "interval_s": ((int, float), 15.0, positive),
-    "probes": ((int,), 8, positive),
-    "probe_timeout_s": ((int, float), 3.0, positive),
-    "up_samples": ((int,), 3, positive),
-    "down_window_s": ((int, float), 300.0, non_negative),
-    "up_cooldown_s": ((int, float), 60.0, non_negative),
-    "down_cooldown_s": ((int, float), 300.0, non_negative),
-    "health_failures": ((int,), 3, positive),
-    "warmup_timeout_s": ((int, float), 180.0, positive),
+# The monitor block's checks; its keys and defaults are MonitorSettings' fields (one source).
+_MONITOR_CHECKS = {
+    "latency_high_ms": positive,
+    "latency_low_ms": positive,
+    "max_error_rate": lambda v: None if 0 <= v < 1 else "must be from 0 up to 1",
+    "interval_s": positive,
+    "probes": positive,
+    "probe_timeout_s": positive,
+    "up_samples": positive,
+    "down_window_s": non_negative,
+    "up_cooldown_s": non_negative,
+    "down_cooldown_s": non_negative,
+    "health_failures": positive,
+    "warmup_timeout_s": positive,
 }
+
+
+def monitor_defaults() -> dict[str, int | float]:
+    """The monitor block's keys and their defaults, from MonitorSettings."""
+    return {f.name: f.default for f in dataclasses.fields(MonitorSettings)}  # type: ignore[misc]
+
+
+def _monitor_spec() -> dict[str, tuple]:
+    spec = {}
+    for name, default in monitor_defaults().items():
+        types = (int,) if isinstance(default, int) else (int, float)
+        spec[name] = (types, default, _MONITOR_CHECKS[name])
+    return spec
 
 
 def default_config_path() -> Path:
@@ -416,7 +431,8 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
     if w["max"] > len(roles["workers"]):
         chk.fail(f"{kp}.workers.max", f"is {w['max']}, but roles.workers names only {len(roles['workers'])} images", workers_map, "max")
     mon_map = chk.mapping(f["monitor"], f"{kp}.monitor", body, "monitor")
-    mon = chk.fields(mon_map, f"{kp}.monitor", _MONITOR_SPEC)
+    spec = _monitor_spec()
+    mon = chk.fields(mon_map, f"{kp}.monitor", spec)
     if mon["latency_low_ms"] >= mon["latency_high_ms"]:
         chk.fail(f"{kp}.monitor.latency_low_ms", "must be below latency_high_ms", mon_map, "latency_low_ms")
     return Environment(
@@ -430,6 +446,6 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
         min_workers=w["min"],
         max_workers=w["max"],
         lb_port=f["lb_port"],
-        monitor=MonitorSettings(**{k: (float(v) if isinstance(_MONITOR_SPEC[k][1], float) else v) for k, v in mon.items()}),
+        monitor=MonitorSettings(**{k: (float(v) if isinstance(spec[k][1], float) else v) for k, v in mon.items()}),
         source=f"{chk.path}:{body.line}" if body.line else chk.path,
     )

@@ -44,14 +44,6 @@ class UsageError(BootedError):
     exit_code = 2
 
 
-class NotAvailable(BootedError):
-    """A capability that a later piece of work provides."""
-
-    exit_code = 3
-
-    def __init__(self, what: str):
-        super().__init__(f"not available yet: {what}")
-
 
 class CommandError(BootedError):
     """A local command failed. Carries the ``result`` (a ``localcmd.CommandResult``)."""

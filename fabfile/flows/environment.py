@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from fabfile.flows import rollout
+from fabfile.flows import plans, rollout
 from fabfile.flows import discovery
 from fabfile.balancing import loadbalancer
 from fabfile.hosts import endpoint as nginxctl
@@ -17,11 +17,11 @@ from fabfile.services import release
 from fabfile.services import manifest as services
 from fabfile.core import ssh
 from fabfile.core.config import Config, Environment
-from fabfile.core.errors import BootedError, HostError, ProviderError, WaitTimeout
+from fabfile.core.errors import BootedError, WaitTimeout
 from fabfile.core.http import http_request
 from fabfile.core.fanout import HostResult, fan_out, raise_if_failed
 from fabfile.hosts.inventory import Inventory
-from fabfile.core.output import progress, say, wait_until
+from fabfile.core.output import host_line, progress, say, wait_until
 from fabfile.providers import Provider, get_provider
 
 
@@ -44,6 +44,52 @@ def ensure_nginx(cfg: Config) -> None:
         progress(f"booted nginx {action} on port {cfg.nginx['port']}")
 
 
+def build_image(cfg: Config, prov: Provider, image: str, env: Environment | None):
+    """``prov.build``, with booted's nginx running for the whole build if the provider's installer needs it
+    (its kickstart); nginx-stop and env-stop leave it running until the build ends."""
+    if not prov.build_needs_endpoint:
+        return prov.build(image, env)
+    ensure_nginx(cfg)
+    with nginxctl.serving(image):
+        return prov.build(image, env)
+
+
+def stop_nginx(force: bool = False) -> str:
+    """Stop booted's nginx unless an image install needs it (``force``: even then); says what happened."""
+    busy = nginxctl.users()
+    if busy and not force:
+        raise BootedError(f"booted's nginx is serving the install of {', '.join(busy)}; not stopped "
+                          "(wait for the build, or pass --force)")
+    return "booted nginx stopped" if nginxctl.stop() else "booted nginx was not running"
+
+
+def running_environments(cfg: Config) -> list[str]:
+    """Environments with at least one running image (providers that are not installed run nothing)."""
+    running = []
+    for provider_name in sorted({e.provider for e in cfg.environments.values()}):
+        prov = get_provider(provider_name, cfg)
+        if not prov.installed():
+            continue
+        up = {m.name for m in prov.list() if m.running}
+        running += [e.name for e in cfg.environments.values() if e.provider == provider_name and up & set(e.images)]
+    return sorted(running)
+
+
+def stop_nginx_if_idle(cfg: Config) -> str:
+    """After an environment stopped: stop booted's nginx if no environment runs and no install needs it."""
+    try:
+        others = running_environments(cfg)
+    except BootedError as err:
+        return f"booted nginx kept running: could not tell whether other environments run ({err})"
+    if others:
+        return f"booted nginx kept running for {', '.join(others)}"
+    busy = nginxctl.users()
+    if busy:
+        return f"booted nginx kept running for the install of {', '.join(busy)}"
+    return ("booted nginx stopped (no environment runs; --keep-nginx keeps it)" if nginxctl.stop()
+            else "booted nginx is not running")
+
+
 def boot_timeout(cfg: Config, env: Environment) -> float:
     return float(cfg.provider_settings(env.provider)["boot_timeout_s"]) + 30.0
 
@@ -56,16 +102,15 @@ def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, 
     Raises if any image failed to start, after reporting each one.
     """
     prov = provider_of(cfg, env)
-    known = {m.name: m for m in prov.list()}
+    plan = plans.plan_start(images, {m.name: m for m in prov.list()})
     started: dict[str, float | None] = {}
 
     def one(image: str) -> str:
-        machine = known.get(image)
-        if machine is not None and machine.running:
+        if image in plan.running:
             started[image] = None
             return "already running"
-        if machine is None:
-            prov.build(image, env)
+        if image in plan.build:
+            build_image(cfg, prov, image, env)
         started[image] = time.time()
         machine = prov.start(image)
         return f"started ({', '.join(machine.addresses) or 'address pending'})"
@@ -81,9 +126,7 @@ def wait_called_home(cfg: Config, env: Environment, started: dict[str, float | N
     path = discovery.log_path()
 
     def missing() -> list[str]:
-        entries = {e.image: e for e in inv.hosts(env=env.name)}
-        return [i for i, t in started.items()
-                if i not in entries or (t is not None and entries[i].last_seen < t - 1)]
+        return plans.not_called_home(started, {e.image: e for e in inv.hosts(env=env.name)})
 
     def poll() -> bool:
         if path.exists():
@@ -113,17 +156,14 @@ def probe(cfg: Config, env: Environment, images: list[str]) -> None:
 
 def stop_images(cfg: Config, env: Environment, images: list[str]) -> list[HostResult]:
     prov = provider_of(cfg, env)
-    known = {m.name: m for m in prov.list()}
+    plan = plans.plan_stop(images, {m.name: m for m in prov.list()})
 
     def one(image: str) -> str:
-        if image not in known:
-            return "not built"
-        if not known[image].running:
+        if plan[image] == "stop":
+            prov.stop(image)
+        if plan[image] != "not built":
             Inventory().remove(image)
-            return "already stopped"
-        prov.stop(image)
-        Inventory().remove(image)
-        return "stopped"
+        return "stopped" if plan[image] == "stop" else plan[image]
 
     return fan_out(images, one, label=lambda i: i, parallel=8)
 
@@ -138,23 +178,27 @@ def converge_service(cfg: Config, env: Environment, images: list[str], version: 
     svc = service_of(env)
     version = version or env.version
     workers = [e for e in Inventory().hosts(env=env.name, role="workers") if e.image in images]
-    stale = []
-    for entry in workers:
-        try:
-            status, body = http_request(entry.address, svc.port, "GET", "/version", timeout=2)
-            current = body.strip() if status == 200 else None
-        except OSError:
-            current = None
-        if current != version:
-            stale.append(entry.image)
-        else:
-            say(f"{entry.image:<16} ok     already serving {version}")
-    if not stale:
-        return []
-    if has_live_loadbalancer(cfg, env):
+    serving = {e.image: serving_version(e.address, svc.port) for e in workers}
+    stale = plans.stale_workers(serving, version)
+    for image in serving:
+        if image not in stale:
+            say(host_line(image, True, f"already serving {version}"))
+    mode = plans.converge_mode(stale, bool(stale) and has_live_loadbalancer(cfg, env))
+    if mode == plans.ROLLING:
         # users are being served: replace the stale workers one at a time behind the balancer
         return rolling_deploy(cfg, env, version, images=stale)
-    return rollout.deploy(cfg, svc, version, env.name, images=stale)
+    if mode == plans.PARALLEL:
+        return rollout.deploy(cfg, svc, version, env.name, images=stale)
+    return []
+
+
+def serving_version(address: str, port: int) -> str | None:
+    """What a worker's ``/version`` answers (None: no answer)."""
+    try:
+        status, body = http_request(address, port, "GET", "/version", timeout=2)
+    except OSError:
+        return None
+    return body.strip() if status == 200 else None
 
 
 # How long a drained worker gets to finish the requests it has before it is changed or stopped
@@ -195,11 +239,11 @@ def rolling(cfg: Config, env: Environment, change, images: list[str] | None = No
         except BootedError as err:
             result = HostResult(entry.image, False, f"{err} (left drained; rollout stopped)")
             result.seconds = time.monotonic() - start
-            say(f"{entry.image:<16} FAILED {result.detail}")
+            say(host_line(entry.image, False, result.detail))
             results.append(result)
             break
         result.seconds = time.monotonic() - start
-        say(f"{entry.image:<16} ok     {detail} (drained, switched, back in)")
+        say(host_line(entry.image, True, f"{detail} (drained, switched, back in)"))
         results.append(result)
     return results
 
@@ -280,7 +324,7 @@ def balance(cfg: Config, env: Environment) -> list[str]:
     urls = loadbalancer.update(cfg, env, svc.port)
     for lb in loadbalancer.loadbalancers(cfg, env):
         body = loadbalancer.check_through(env, lb)
-        say(f"{lb.image:<16} ok     load balancer answers: {body}")
+        say(host_line(lb.image, True, f"load balancer answers: {body}"))
     return urls
 
 

@@ -92,10 +92,6 @@ class ReadResult:
     end: int = 0  # byte offset after the last complete line
     restarted: str | None = None  # "new-file", "truncated" or "rewritten" when the cursor was reset
 
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
 
 # --------------------------------------------------------------------------- one line
 def parse_line(line: str | bytes, config: Config, control: Collection[str] = (),

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from pathlib import Path
 
 from fabfile.core.state import PROJECT_ROOT, atomic_write, locked, state_path
-from fabfile.core.ssh import keypair
 
 FIRSTBOOT_DIR = PROJECT_ROOT / "kickstart" / "firstboot"
 SCRIPT = FIRSTBOOT_DIR / "booted-callhome"
@@ -64,8 +62,3 @@ def host_config(env: str, image: str, url: str) -> str:
 def firstboot_files() -> dict[str, tuple[str, int]]:
     """Files every host gets, by path on the host: (contents, mode)."""
     return {SCRIPT_PATH: (SCRIPT.read_text(), 0o755), UNIT_PATH: (UNIT.read_text(), 0o644)}
-
-
-def ssh_public_key() -> str:
-    """booted's SSH public key (generated once into the state dir unless configured)."""
-    return Path(keypair()[1]).read_text().strip()

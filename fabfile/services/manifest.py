@@ -11,7 +11,7 @@ service.yaml (validated like environments.yaml: one-line errors naming file, lin
     env: {NAME: "value"}            # optional; extra environment for run and test
 
 Where a service's code comes from is ``<NAME>_REPO`` (e.g. HELLO_REPO): a git repository, local
-path or URL; without it, a local repo booted builds from the service folder (servicerepo.py),
+path or URL; without it, a local repo booted builds from the service folder (fabfile/services/repo.py),
 tagging the versions listed in ``history/versions`` (one a line, oldest first; default: v1 only).
 The folder is the newest; ``history/<version>.patch`` is what each later version changed.
 """

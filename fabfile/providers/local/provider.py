@@ -11,8 +11,6 @@ This machine's PID 1 is not systemd, hence ``--keep-unit --register=no``.
 """
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import json
 import os
 import secrets
@@ -29,7 +27,7 @@ from fabfile.hosts import callhome
 from fabfile.core import localcmd
 from fabfile.providers.local import network as localnet
 from fabfile.core import names
-from fabfile.core.errors import BootedError, ProviderError, WaitTimeout
+from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
@@ -443,10 +441,6 @@ class LocalProvider(Provider):
         if f"--uuid={host.uuid}".encode() not in cmdline:  # not a reused pid
             return None
         return pid
-
-    def teardown_network(self) -> None:
-        """Remove the bridge (tests; or a user cleaning up after every local host is gone)."""
-        localnet.remove_bridge(self.bridge)
 
 
 # Each container's systemd takes several inotify instances; the kernel's default of 128 per user
