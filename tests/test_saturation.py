@@ -92,6 +92,8 @@ def test_a_sigkilled_service_is_restarted_and_costs_no_request(serving, connecti
 def test_power_off_and_stop_then_scale_back_cost_no_request(serving, connections):
     """w2 powered off and w3 stopped cleanly under load; then, still under load, both added back
     (env-start-worker), w3 removed (env-stop-worker: drained, stopped) and added again."""
+    refused = serving.fab("env-stop-worker", "--image", f"{ENV}-lb", "--env", ENV)
+    assert refused.returncode == 2 and "not a worker" in refused.stderr, refused
     stopped = drills.power_off_and_stop(serving, ENV, connections)
     left = {image: drills.processes_of_host(serving, image) for image in WORKERS[1:]}
     scaled = drills.scale_up_and_down(serving, ENV, connections)
