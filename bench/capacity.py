@@ -149,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the teardown short
         try:
             print("lab: tearing down", flush=True)
-            lab.teardown()
-            left = drills.kill_leftovers(lab, [f"{ENV}-lb", *WORKERS])
+            left = lab.teardown()
             if left:
-                print(f"lab: killed {len(left)} processes a stopped host had left", flush=True)
+                print(f"lab: WARNING killed what the hosts' stop left: {', '.join(map(str, left))}", flush=True)
             if not args.keep_lab:
                 shutil.rmtree(root, ignore_errors=True)
         finally:

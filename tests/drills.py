@@ -7,12 +7,9 @@ three workers, and returns a ``DrillResult``: wrk's own report plus what was don
 """
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from wrkload import WrkReport, WrkRun
 
@@ -135,45 +132,3 @@ def rolling(lab, env: str, connections: int, method: str, action: tuple[str, ...
         t.fab(lab, *action, "--env", env)
 
     return run_drill(lab, env, " ".join(action[:1] + action[2:]), connections, method, steps)
-
-
-# --------------------------------------------------------------------------- what a stop leaves
-def processes_of_host(lab, image: str) -> list[str]:
-    """Processes of this machine that belong to this lab's host ``image``: what must not survive
-    the host's stop. Matched by the root they see, not by name: every process whose root mount is
-    the overlay over the host's own upper directory, plus any nspawn whose command line holds the
-    host's folder. (Other labs' hosts of the same name have other folders.)"""
-    folder = lab.state / "local" / "hosts" / image
-    upper = f"upperdir={folder / 'upper'},"
-    own_root = os.stat("/")
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            if "systemd-nspawn" in cmd and str(folder) in cmd:
-                found.append(f"{entry.name} {cmd[:80]}")
-                continue
-            root = os.stat(entry / "root")
-            if (root.st_dev, root.st_ino) == (own_root.st_dev, own_root.st_ino):
-                continue
-            for line in (entry / "mountinfo").read_text().splitlines():
-                fields = line.split()
-                if len(fields) > 4 and fields[4] == "/" and upper in line + ",":
-                    found.append(f"{entry.name} {cmd[:80]}")
-                    break
-        except (OSError, UnicodeDecodeError):
-            continue
-    return found
-
-
-def kill_leftovers(lab, images: list[str]) -> list[str]:
-    """SIGKILL whatever of these hosts of this lab still runs (after their stop); returns it."""
-    left = [p for image in images for p in processes_of_host(lab, image)]
-    for line in left:
-        try:
-            os.kill(int(line.split()[0]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left

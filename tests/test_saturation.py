@@ -36,8 +36,6 @@ def sat(lab):
         yield lab
     finally:
         lab.fab("env-stop", "--env", ENV, timeout=300)
-        # a forced stop may leave a host's processes behind (the test above reports it); end them
-        drills.kill_leftovers(lab, [f"{ENV}-lb", *WORKERS])
 
 
 def worker_version(lab, image: str) -> str | None:
@@ -95,7 +93,7 @@ def test_power_off_and_stop_then_scale_back_cost_no_request(serving, connections
     refused = serving.fab("env-stop-worker", "--image", f"{ENV}-lb", "--env", ENV)
     assert refused.returncode == 2 and "not a worker" in refused.stderr, refused
     stopped = drills.power_off_and_stop(serving, ENV, connections)
-    left = {image: drills.processes_of_host(serving, image) for image in WORKERS[1:]}
+    left = {image: [str(p) for p in serving.leftover_processes(image)] for image in WORKERS[1:]}
     scaled = drills.scale_up_and_down(serving, ENV, connections)
     assert_no_request_failed(serving, stopped)
     assert_no_request_failed(serving, scaled)
