@@ -104,7 +104,7 @@ def ensure_bridge(bridge: str, subnet: Subnet) -> None:
         raise BootedError("the `ip` command is missing: install iproute2 (apt-get install iproute2)")
     with locked("local-bridge"):  # hosts start in parallel; only one may create the bridge
         state = link_state(bridge)
-        has_address = bool(state) and any(a.get("local") == subnet.gateway for a in state.get("addr_info", []))
+        has_address = state is not None and any(a.get("local") == subnet.gateway for a in state.get("addr_info", []))
         apply(plan_bridge(bridge, subnet, present=state is not None, has_address=has_address))
 
 
@@ -118,6 +118,11 @@ def host_up(link: HostLink, bridge: str, subnet: Subnet, address: str, mac: str)
     apply(plan_host_up(link, bridge, subnet, address, mac))
 
 
+def host_present(link: HostLink) -> bool:
+    """Is any of the host's network plumbing (namespace or veth) there?"""
+    return os.path.exists(f"/run/netns/{link.netns}") or link_state(link.veth) is not None
+
+
 def host_down(link: HostLink) -> None:
-    if os.path.exists(f"/run/netns/{link.netns}") or link_state(link.veth) is not None:
+    if host_present(link):
         apply(plan_host_down(link), ignore_errors=True)
