@@ -19,6 +19,7 @@ from lab import ROOT, Lab, free_port, free_subnet  # noqa: F401  (ROOT: for the 
 # Shared by test runs, like BOOTED_IMAGE_CACHE: the base image is copied into this pool once.
 # VMs' own volumes carry the lab's owner tag and are removed with it.
 STORAGE_DIR = "/var/lib/libvirt/images/booted-test"
+SHARED_IMAGE_CACHE = "/var/cache/booted-image"
 
 VM_CONFIG = """\
 settings:
@@ -144,8 +145,9 @@ def make_vm_lab(root: Path) -> VmLab:
     lab = VmLab(root=root, bridge=f"bvm{os.getpid() % 100000:05d}", subnet=free_subnet(), port=free_port(),
                 config_path=root / "environments.yaml")
     lab.write_config()
-    if os.environ.get("BOOTED_IMAGE_CACHE"):
-        lab.extra_env["BOOTED_IMAGE_CACHE"] = os.environ["BOOTED_IMAGE_CACHE"]
+    # The VM base image takes minutes to build (debootstrap, kernel, mkfs): share it between runs like
+    # the storage dir, unless the caller names a cache of its own.
+    lab.extra_env["BOOTED_IMAGE_CACHE"] = os.environ.get("BOOTED_IMAGE_CACHE") or SHARED_IMAGE_CACHE
     return lab
 
 
