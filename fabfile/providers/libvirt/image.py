@@ -181,6 +181,10 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
                 os.chmod(src, 0o644)
                 os.replace(src, dest)
             progress(f"libvirt: VM base image ready in {time.monotonic() - started:.0f}s: {base.disk}")
+            # older recipes' files: pools hold their own copies (or hard links), so nothing boots from these
+            for old in cache.glob("booted-base-*"):
+                if old.name.split(".")[0] != f"booted-base-{base.digest}":
+                    old.unlink(missing_ok=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return base
