@@ -453,6 +453,8 @@ def stage_install(config, env, image: str, *, nics: Sequence[str] = NIC_DEVICES)
             extract_pxeboot(iso, tmp / "el9")
             (tmp / "pxelinux.cfg").mkdir()
             state.atomic_write(tmp / "pxelinux.cfg" / "default", pxelinux_config(config, image))
+            if env is not None:
+                callhome.new_host_key(env.name, image)  # a rebuilt image must not keep its old key
             write_kickstart(config, env, image, nics=nics)
             # A folder cannot be renamed over a non-empty one: move the old one aside first.
             old = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import names, servicerepo, services, ssh
-from .errors import BootedError, HostError
+from .errors import BootedError, ConfigError, HostError
 from .output import progress
 from .state import atomic_write, atomic_write_json, locked, read_json, state_path
 
@@ -258,12 +258,26 @@ def record_many(entries: list[tuple[str, str, str, str | None]]) -> None:
     if not entries:
         return
     with locked("deployments"):
-        data = read_json(_deployments_path(), {}) or {}
+        data = _read_deployments()
         for address, service, version, commit in entries:
             data.setdefault(address, {})[service] = {"version": version, "commit": commit, "at": time.time()}
         atomic_write_json(_deployments_path(), data)
 
 
+def _read_deployments() -> dict:
+    """deployments.json, checked: address -> service -> {version, commit, at}; one-line error if not."""
+    path = _deployments_path()
+    data = read_json(path, {}) or {}
+    ok = isinstance(data, dict) and all(
+        isinstance(services_, dict) and all(
+            isinstance(entry, dict) and isinstance(entry.get("version"), str) for entry in services_.values())
+        for services_ in data.values())
+    if not ok:
+        raise ConfigError(str(path), "is not booted's deployments record (address -> service -> version); "
+                                     "remove it and deploy again")
+    return data
+
+
 def deployed_version(address: str, service: str) -> str | None:
-    entry = (read_json(_deployments_path(), {}) or {}).get(address, {}).get(service)
+    entry = _read_deployments().get(address, {}).get(service)
     return entry["version"] if entry else None

@@ -5,7 +5,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from .base import RUNNING, STOPPED, Machine, Provider
+from .base import RUNNING, STOPPED, CloneRecord, Machine, Provider
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -15,7 +15,7 @@ PROVIDERS = {
     "local": "fabfile.providers.local.LocalProvider",
 }
 
-__all__ = ["Machine", "Provider", "RUNNING", "STOPPED", "get_provider", "PROVIDERS"]
+__all__ = ["CloneRecord", "Machine", "Provider", "RUNNING", "STOPPED", "get_provider", "PROVIDERS"]
 
 
 def get_provider(name: str, config: "Config") -> Provider:

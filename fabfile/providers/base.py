@@ -32,6 +32,16 @@ class Machine:
         return self.state == RUNNING
 
 
+@dataclass(frozen=True)
+class CloneRecord:
+    """A clone booted made that inherited its source's call-home identity: the MACs booted gave
+    it prove, together with the source's key, that a call home is the clone's (inventory.py)."""
+
+    image: str
+    source: str
+    macs: tuple[str, ...]
+
+
 class Provider(abc.ABC):
     """A source of hosts. Every method takes validated image names."""
 
@@ -64,6 +74,11 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def list(self) -> list[Machine]:
         """Every image this provider knows, with state, MACs and addresses where known."""
+
+    def clone_records(self) -> list[CloneRecord]:
+        """Clones that call home under their source's name until renamed (none by default: a
+        provider that gives each clone its own call-home identity at once has none)."""
+        return []
 
     def get(self, image: str) -> Machine | None:
         for machine in self.list():

@@ -292,6 +292,7 @@ class LocalProvider(Provider):
         files = dict(callhome.firstboot_files())
         if env is not None:
             url = callhome.callhome_url(self.subnet.gateway, self.config.nginx["port"])
+            callhome.new_host_key(env.name, host.name)  # a rebuilt host must not keep its old key
             files[callhome.CONF_PATH] = (callhome.host_config(env.name, host.name, url), 0o600)
         for path, (content, mode) in files.items():
             atomic_write(upper / path.lstrip("/"), content, mode=mode)

@@ -17,7 +17,7 @@ from .. import media, names
 from ..errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from ..output import progress, wait_until
 from ..state import atomic_write_json, locked, read_json, state_dir
-from .base import RUNNING, STOPPED, Machine, Provider
+from .base import RUNNING, STOPPED, CloneRecord, Machine, Provider
 from .vboxmanage import (
     VBoxError,
     VBoxManage,
@@ -396,9 +396,18 @@ class VirtualBoxProvider(Provider):
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise ProviderError(f"clone failed: {_reason(err)}; {leftover}", image=new) from None
+        # The MACs VirtualBox gave the clone (booted's say, not the guest's) are what proves, with its
+        # source's key, that a call home is the clone's: record them now.
+        made = self._machine(new_uuid, new)
         self._update_notes(lambda notes: notes.__setitem__(
-            new, {"uuid": new_uuid, "clone_of": {"image": source, "uuid": src_uuid, "snapshot": SNAPSHOT}}))
-        return self._machine(new_uuid, new)
+            new, {"uuid": new_uuid, "clone_of": {"image": source, "uuid": src_uuid, "snapshot": SNAPSHOT},
+                  "macs": list(made.macs)}))
+        return made
+
+    def clone_records(self) -> list[CloneRecord]:
+        return [CloneRecord(image, note["clone_of"]["image"], tuple(note.get("macs", [])))
+                for image, note in sorted(self._notes().items())
+                if isinstance(note.get("clone_of"), dict) and note.get("macs")]
 
     def _snapshots(self, target: str, image: str) -> list[str]:
         try:
