@@ -193,3 +193,172 @@ def test_booted_ssh_ignores_the_operators_ssh_config(world, tmp_path, monkeypatc
     assert (conn.port, conn.forward_agent, conn.gateway, conn.user) == (22, False, None, "booted")
     assert conn.connect_kwargs["key_filename"] == [ssh.keypair(world[2])[0]]
     assert conn.connect_kwargs["allow_agent"] is False and conn.connect_kwargs["look_for_keys"] is False
+
+
+# --------------------------------------------------------------------------- 2: the test gate
+def _git(*args: str, cwd: Path | None = None) -> str:
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+SPY_TEST = '''\
+import os, subprocess, sys, unittest
+from pathlib import Path
+
+class Spy(unittest.TestCase):
+    def test_spy(self):
+        state = Path(os.environ.get("SPY_STATE", "/nonexistent"))
+        try:
+            secrets = sorted(p.name for p in (state / "secrets").iterdir())
+        except OSError as err:
+            secrets = f"denied {type(err).__name__}"
+        print("SPY uid", os.getuid(), "euid", os.geteuid(), file=sys.stderr)
+        print("SPY pw", os.environ.get("BOOTED_PW"), "repo", os.environ.get("SPY_REPO"), file=sys.stderr)
+        print("SPY secrets", secrets, file=sys.stderr)
+        # a child in its own session that outlives the test, and one that would outlive the time limit
+        subprocess.Popen(["sleep", "300"], start_new_session=True)
+        subprocess.Popen(["sleep", "301"])
+        if os.environ.get("SPY_HANG"):
+            import time; time.sleep(300)
+'''
+
+
+@pytest.fixture
+def spy_service(tmp_path, monkeypatch, world):
+    """A service whose tag (a real git tag) holds tests that try to read booted's secrets."""
+    state = world[0]
+    folder = tmp_path / "services" / "spy"
+    folder.mkdir(parents=True)
+    (folder / "service.yaml").write_text(
+        "name: spy\nport: 8000\nhealth: /healthz\nrun: [python3, app.py]\n"
+        "test: [python3, -m, unittest, discover, -s, tests, -t, .]\ntest_timeout_s: 20\n"
+        f"env: {{SPY_STATE: '{state}'}}\n")
+    repo = tmp_path / "spy-repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "app.py").write_text("print('spy')\n")
+    (repo / "tests" / "__init__.py").write_text("")
+    (repo / "tests" / "test_spy.py").write_text(SPY_TEST)
+    _git("init", "--quiet", str(repo))
+    _git("add", "-A", cwd=repo)
+    _git("commit", "--quiet", "-m", "spy", cwd=repo)
+    _git("tag", "v9", cwd=repo)
+    monkeypatch.setenv("SPY_REPO", str(repo))
+    monkeypatch.setenv("BOOTED_PW", "root-password-123")
+    from fabfile import services
+
+    callhome.env_secret("prod")  # a secret exists to be stolen
+    return services.load_manifest(folder / "service.yaml")
+
+
+def _processes(pattern: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", pattern.encode()]:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
+def test_tag_code_runs_unprivileged_without_secrets_or_state(spy_service, tmp_path):
+    """Finding 2: the tag's tests see no root, no BOOTED_PW, no repo URL, no state dir; nothing outlives them."""
+    from fabfile import servicerepo
+
+    tested = servicerepo.pack_and_test(spy_service, "v9", tmp_path / "gate")
+    assert tested.ok, tested.output
+    spied = {line.split()[1]: line for line in tested.output.splitlines() if line.startswith("SPY ")}
+    assert " 0" not in spied["uid"] and "euid 0" not in spied["uid"], spied["uid"]
+    assert spied["pw"] == "SPY pw None repo None", spied["pw"]
+    assert "denied PermissionError" in spied["secrets"], spied["secrets"]
+    assert _processes("300") == [] and _processes("301") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
+def test_the_test_time_limit_kills_the_whole_process_group(spy_service, tmp_path, monkeypatch):
+    from fabfile import servicerepo
+
+    import dataclasses
+
+    hanging = dataclasses.replace(spy_service, test_timeout_s=3.0, env={**spy_service.env, "SPY_HANG": "1"})
+    started = time.monotonic()
+    tested = servicerepo.pack_and_test(hanging, "v9", tmp_path / "gate")
+    assert not tested.ok and "timed out after 3s" in tested.output
+    assert time.monotonic() - started < 30
+    assert _processes("300") == [] and _processes("301") == []
+
+
+# --------------------------------------------------------------------------- 13: repository credentials
+def test_repo_credentials_never_reach_an_argv_or_the_cached_config(tmp_path, monkeypatch, world):
+    """Finding 13: a password in HELLO_REPO reaches git only through a credential helper's environment."""
+    import base64
+    import http.server
+    import threading
+
+    state = world[0]
+    bare = tmp_path / "served" / "svc.git"
+    work = tmp_path / "svc-work"
+    work.mkdir()
+    (work / "app.py").write_text("print('svc')\n")
+    _git("init", "--quiet", str(work))
+    _git("add", "-A", cwd=work)
+    _git("commit", "--quiet", "-m", "one", cwd=work)
+    _git("tag", "v1", cwd=work)
+    _git("clone", "--quiet", "--bare", str(work), str(bare))
+    _git("update-server-info", cwd=bare)
+    expected = "Basic " + base64.b64encode(b"ann:s3cret-pw").decode()
+    root = str(tmp_path / "served")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=root, **k)
+
+        def do_GET(self):
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="t"')
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # a git that records every argv and environment it is started with, then runs the real one
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    real_git = shutil.which("git")
+    (spy / "git").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> {tmp_path}/argv.log\n"
+                             f"env >> {tmp_path}/env.log\nexec {real_git} \"$@\"\n")
+    (spy / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{spy}:{os.environ['PATH']}")
+    folder = tmp_path / "services" / "svc"
+    folder.mkdir(parents=True)
+    (folder / "service.yaml").write_text("name: svc\nport: 8000\nhealth: /h\nrun: [python3, app.py]\n"
+                                         "test: [python3, -c, pass]\n")
+    from fabfile import servicerepo, services
+
+    svc = services.load_manifest(folder / "service.yaml")
+    monkeypatch.setenv("SVC_REPO", f"http://ann:s3cret-pw@127.0.0.1:{server.server_address[1]}/svc.git")
+    try:
+        commit = servicerepo.resolve(svc, "v1")
+        servicerepo.resolve(svc, "v1")  # a fetch, with the mirror already there
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert commit == _git("rev-parse", "v1", cwd=work)
+    assert "s3cret" not in (tmp_path / "argv.log").read_text()
+    cached = list((state / "repos" / "cache").iterdir())
+    assert "s3cret" not in (cached[0] / "config").read_text()
+    assert stat.S_IMODE((state / "repos" / "cache").stat().st_mode) == 0o700
+    # and no other child of booted is given the secret-bearing variables at all
+    from fabfile import localcmd
+
+    env_dump = localcmd.run(["env"]).stdout
+    assert "s3cret" not in env_dump and "BOOTED_PW" not in env_dump
