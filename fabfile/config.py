@@ -15,6 +15,7 @@ Layout (see environments.yaml for a commented example)::
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +71,23 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def load_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(path), "file not found (set BOOTED_CONFIG or create it)") from None
     except OSError as err:
         raise ConfigError(str(path), f"cannot read: {err.strerror}") from None
-    loader = _Loader(text)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(str(path), f"not UTF-8 text (byte 0x{raw[err.start]:02x})", line=line) from None
+    try:
+        loader = _Loader(text)  # the reader refuses a NUL or other unprintable character at once
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = getattr(err, "position", None)
+        line = mark.line + 1 if mark else (text[:where].count("\n") + 1 if isinstance(where, int) else None)
+        raise ConfigError(str(path), f"not valid YAML: {getattr(err, 'reason', None) or err}", line=line) from None
     loader.name = str(path)
     try:
         return loader.get_single_data()
@@ -163,6 +175,8 @@ def _join(keypath: str, key: str) -> str:
 
 
 def positive(value: Any) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     return None if value > 0 else "must be greater than 0"
 
 
@@ -207,6 +221,13 @@ def _sha256(value: Any) -> str | None:
     if value == "" or (len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())):
         return None
     return "must be a SHA-256 hex digest (64 hex digits)"
+
+
+def _suite(value: Any) -> str | None:
+    """A Debian suite name; it becomes a path under the image cache, so nothing like '../..'."""
+    ok = 1 <= len(value) <= 32 and value[0].isalpha() and all(c.isalnum() or c == "-" for c in value) \
+        and value.isascii()
+    return None if ok else "must be a Debian suite name like bookworm (letters, digits, '-')"
 
 
 def _ifname(value: Any) -> str | None:
@@ -302,7 +323,7 @@ _PROVIDER_SPECS: dict[str, dict[str, tuple]] = {
     "local": {
         "bridge": ((str,), "booted0", _ifname),
         "subnet": ((str,), "10.77.0.0/24", _network),
-        "suite": ((str,), "bookworm"),
+        "suite": ((str,), "bookworm", _suite),
         "boot_timeout_s": ((int, float), 60, positive),
         "stop_timeout_s": ((int, float), 30, positive),
     },
@@ -418,6 +439,8 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str) -> Environment:
         if not members:
             chk.fail(rkp, "must name at least one image", roles_map, role)
         for i, image in enumerate(members):
+            if not isinstance(image, str):
+                chk.fail(f"{rkp}[{i}]", f"must be an image name, not {kind_of(image)}", roles_map, role)
             if image not in seen:
                 chk.fail(f"{rkp}[{i}]", f"names image {image!r}, which is not in {kp}.images", roles_map, role)
         if len(set(members)) != len(members):

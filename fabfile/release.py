@@ -26,12 +26,22 @@ from .state import atomic_write, atomic_write_json, locked, read_json, state_pat
 
 REMOTE_ROOT = "/opt/booted"
 
-# $1 service, $2 version, $3 commit, $4 unit text, $5 releases to keep. stdin: the release .tar.gz
-DEPLOY_SCRIPT = r"""
+# Sourced first by the scripts that change a service's releases: one at a time per service and host
+# (another controller, the monitor, a second terminal), waiting up to 120 s. $1 is the service.
+_REMOTE_LOCK = r"""
 set -eu
-svc="$1"; version="$2"; commit="$3"; unit="$4"; keep="$5"
-root="/opt/booted/$svc"; rel="$root/releases/$version"
+root="/opt/booted/$1"
 mkdir -p "$root/releases" "$root/shared"
+exec 9>"$root/.deploy.lock"
+flock -w 120 9 || { echo "another deploy or rollback of $1 on this host did not finish within 120s" >&2; exit 4; }
+"""
+
+# $1 service, $2 version, $3 commit, $4 unit text, $5 releases to keep. stdin: the release .tar.gz
+DEPLOY_SCRIPT = _REMOTE_LOCK + r"""
+svc="$1"; version="$2"; commit="$3"; unit="$4"; keep="$5"
+rel="$root/releases/$version"
+# under the lock nothing else is unpacking: any .incoming.* is what an interrupted deploy left
+rm -rf "$root/releases"/.incoming.*
 if [ "$(cat "$rel/.booted-commit" 2>/dev/null || true)" = "$commit" ]; then
   cat >/dev/null
 else
@@ -43,13 +53,13 @@ else
   rm -rf "$rel"
   mv "$tmp" "$rel"
 fi
-ln -sfn "releases/$version" "$root/current.new"
-mv -T "$root/current.new" "$root/current"
+ln -sfn "releases/$version" "$root/.current.$$"
+mv -T "$root/.current.$$" "$root/current"
 printf '%s\n' "$version" >> "$root/history"
 unitfile="/etc/systemd/system/booted-$svc.service"
 if [ "$(cat "$unitfile" 2>/dev/null || true)" != "$unit" ]; then
-  printf '%s\n' "$unit" > "$unitfile.new"
-  mv "$unitfile.new" "$unitfile"
+  printf '%s\n' "$unit" > "$unitfile.$$.new"
+  mv "$unitfile.$$.new" "$unitfile"
   systemctl daemon-reload
 fi
 systemctl enable --quiet --no-reload "booted-$svc.service" 2>/dev/null || true
@@ -63,9 +73,8 @@ echo "deployed $version"
 """
 
 # $1 service. Switch current to the release before it in history, restart.
-ROLLBACK_SCRIPT = r"""
-set -eu
-svc="$1"; root="/opt/booted/$svc"
+ROLLBACK_SCRIPT = _REMOTE_LOCK + r"""
+svc="$1"
 cur=$(readlink "$root/current" 2>/dev/null || true); cur="${cur#releases/}"
 [ -n "$cur" ] || { echo "nothing deployed" >&2; exit 3; }
 prev=""
@@ -73,8 +82,8 @@ for v in $(tac "$root/history"); do
   if [ "$v" != "$cur" ] && [ -d "$root/releases/$v" ]; then prev="$v"; break; fi
 done
 [ -n "$prev" ] || { echo "no earlier release kept on this host" >&2; exit 3; }
-ln -sfn "releases/$prev" "$root/current.new"
-mv -T "$root/current.new" "$root/current"
+ln -sfn "releases/$prev" "$root/.current.$$"
+mv -T "$root/.current.$$" "$root/current"
 printf '%s\n' "$prev" >> "$root/history"
 systemctl restart "booted-$svc.service"
 echo "$prev"
@@ -110,7 +119,7 @@ class Release:
 def unit_text(service: services.Service) -> str:
     """The systemd unit for a service (the same on every host; it changes only with the manifest)."""
     root = f"{REMOTE_ROOT}/{service.name}"
-    argv = " ".join(_systemd_quote(a) for a in service.run_argv)
+    argv = " ".join(_systemd_quote(a, command=True) for a in service.run_argv)
     env_lines = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n" for k, v in sorted(service.env.items()))
     return (
         "[Unit]\n"
@@ -134,10 +143,17 @@ def unit_text(service: services.Service) -> str:
     )
 
 
-def _systemd_quote(word: str) -> str:
-    if word and all(c.isalnum() or c in "-_./=:+,@" for c in word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _systemd_quote(word: str, *, command: bool = False) -> str:
+    """``word`` as one double-quoted systemd value (systemd.syntax(7) quoting, systemd.unit(5)
+    specifiers): backslash and quote escaped, ``%`` doubled; in a command line (systemd.service(5)
+    ``ExecStart=``) ``$`` doubled too, so no variable is substituted. A control character (a newline
+    would start a new unit line) is refused: the manifest check stops it before this."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in word):
+        raise BootedError(f"refusing a control character in a systemd unit value: {word[:40]!r}")
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if command:
+        escaped = escaped.replace("$", "$$")
+    return f'"{escaped}"'
 
 
 def prepare(service: services.Service, version: str) -> Release:
@@ -166,7 +182,15 @@ def prepare(service: services.Service, version: str) -> Release:
 
 
 def deploy_to(conn, service: services.Service, release: Release, keep: int, timeout: float) -> str:
-    """Ship and activate ``release`` on one host; return once the service answers with the version."""
+    """Ship and activate ``release`` on one host; return once the service answers with the version.
+
+    One deploy per host at a time from this machine (a lock per host; the host's own lock in the
+    script covers other machines)."""
+    with locked(f"deploy-{service.name}-{conn.host}", timeout=timeout + 60):
+        return _deploy_to(conn, service, release, keep, timeout)
+
+
+def _deploy_to(conn, service: services.Service, release: Release, keep: int, timeout: float) -> str:
     ssh.run_with_input(
         conn, ["sh", "-c", DEPLOY_SCRIPT, "deploy", service.name, release.version, release.commit,
                unit_text(service), str(keep)],

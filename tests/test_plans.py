@@ -73,7 +73,7 @@ def test_unit_text_runs_the_release_under_a_dynamic_user():
 
     unit = release.unit_text(services.get("hello"))
     assert "WorkingDirectory=/opt/booted/hello/current" in unit
-    assert "ExecStart=python3 app.py" in unit or "ExecStart=/usr/bin/python3 app.py" in unit
+    assert 'ExecStart="python3" "app.py"' in unit
     assert "DynamicUser=yes" in unit and "HELLO_PORT=9999" in unit
 
 

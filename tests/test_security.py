@@ -362,3 +362,96 @@ def test_repo_credentials_never_reach_an_argv_or_the_cached_config(tmp_path, mon
 
     env_dump = localcmd.run(["env"]).stdout
     assert "s3cret" not in env_dump and "BOOTED_PW" not in env_dump
+
+
+# --------------------------------------------------------------------------- 14: unit-file escaping
+def _unit_exposure(unit_text: str, tmp_path: Path) -> dict[str, bool]:
+    """What systemd itself reads from the unit: `systemd-analyze security --offline` (no PID 1 needed)."""
+    unit = tmp_path / "booted-probe.service"
+    unit.write_text(unit_text)
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--json=short", str(unit)],
+                         capture_output=True, text=True, timeout=60)
+    return {item["name"]: item["set"] for item in json.loads(out.stdout)}
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_manifest_values_cannot_inject_unit_lines(tmp_path):
+    """Finding 14: an env value with a newline is refused with a located error; % and $ reach the
+    service literally; the unit keeps running under a dynamic user whatever the manifest holds."""
+    from fabfile import release, services
+    from fabfile.errors import ConfigError
+
+    folder = tmp_path / "svc"
+    folder.mkdir()
+    manifest = folder / "service.yaml"
+    base = "name: svc\nport: 8000\nhealth: /h\nrun: [python3, app.py]\ntest: [python3, -c, pass]\n"
+    manifest.write_text(base + 'env: {GREETING: "hello\\nDynamicUser=no\\nUser=root\\nExecStartPre=/bin/sh -c id"}\n')
+    with pytest.raises(ConfigError, match=r"service.yaml:\d+: env.GREETING: holds a control character"):
+        services.load_manifest(manifest)
+    manifest.write_text(base.replace("run: [python3, app.py]", 'run: ["python3", "app.py", "\\nUser=root"]'))
+    with pytest.raises(ConfigError, match="run: item 2 holds a control character"):
+        services.load_manifest(manifest)
+    # a Service made some other way is still never written with a newline into the unit
+    svc = services.Service("svc", folder, 8000, "/h", ("python3", "app.py"), ("true",),
+                           env={"X": "a\nUser=root"})
+    with pytest.raises(Exception, match="control character"):
+        release.unit_text(svc)
+    # specifiers and variables: the text the service sees is the text the manifest holds
+    manifest.write_text(base.replace("run: [python3, app.py]", 'run: [python3, app.py, "100%", "$HOME", "a\\"b"]')
+                        + 'env: {RATE: "50%n $USER \\\\ \\" end"}\n')
+    unit = release.unit_text(services.load_manifest(manifest))
+    assert 'ExecStart="python3" "app.py" "100%%" "$$HOME" "a\\"b"' in unit, unit
+    assert 'Environment="RATE=50%%n $USER \\\\ \\" end"' in unit, unit
+    assert _unit_exposure(unit, tmp_path)["User=/DynamicUser="] is True
+
+
+# --------------------------------------------------------------------------- 10: concurrent deploys
+DEPLOY_DRIVER = r'''
+import subprocess, sys, os, concurrent.futures
+script, tarball, pairs, stub = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+for where in ("/opt", "/etc/systemd/system"):
+    subprocess.run(["mount", "-t", "tmpfs", "booted-test", where], check=True)
+env = dict(os.environ, PATH=stub + ":" + os.environ["PATH"])
+data = open(tarball, "rb").read()
+def one(i):
+    version = ("v1", "v2")[i % 2]
+    proc = subprocess.run(["sh", "-c", script, "deploy", "hello", version, "c" + version, "[Unit]", "3"],
+                          input=data, capture_output=True, env=env)
+    return proc.returncode, proc.stderr.decode()
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    results = list(pool.map(one, range(2 * pairs)))
+failed = [r for r in results if r[0] != 0]
+leftovers = [n for n in os.listdir("/opt/booted/hello/releases") if n.startswith(".incoming.")]
+print(len(failed), len(leftovers), os.readlink("/opt/booted/hello/current"), (failed[:1] or [(0, "")])[0][1].strip())
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (mount namespace)")
+def test_concurrent_deploys_to_one_host_all_succeed(tmp_path):
+    """Finding 10: the real deploy script, 40 v1/v2 pairs at once on one host (a private mount
+    namespace stands in for the host's /opt and /etc/systemd/system; systemctl is a no-op)."""
+    import tarfile
+
+    from fabfile import release
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "app.py").write_text("print('hi')\n" * 100)
+    tarball = tmp_path / "rel.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(src, arcname=".")
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "systemctl").chmod(0o755)
+    # an interrupted deploy left an upload behind: the next deploy removes it
+    driver = DEPLOY_DRIVER.replace('data = open(tarball, "rb").read()',
+                                   'data = open(tarball, "rb").read()\n'
+                                   'os.makedirs("/opt/booted/hello/releases/.incoming.left", exist_ok=True)')
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", driver,
+                          release.DEPLOY_SCRIPT, str(tarball), "40", str(stub)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    failed, leftovers, current, first_error = out.stdout.split(" ", 3)
+    assert (failed, leftovers) == ("0", "0"), out.stdout
+    assert current in ("releases/v1", "releases/v2")
