@@ -104,8 +104,9 @@ def one_run(runner: tools.Runner, lab: benchlab.BenchLab, base: tools.Shipment, 
 
 SHIPMENT_CODE = """
 import json, sys
+from fabfile.providers import load_config
 from fabfile import config, release, services, ssh
-cfg = config.load()
+cfg = load_config()
 svc = services.get(sys.argv[1])
 rel = release.prepare(svc, sys.argv[2])
 print(json.dumps(dict(service=svc.name, version=rel.version, commit=rel.commit, tarball=str(rel.tarball),

@@ -21,11 +21,11 @@ from report import Run, render_markdown, summarize  # noqa: E402
 
 def test_lab_config_is_valid_booted_config(tmp_path):
     """The lab's environments.yaml passes booted's own validation: one environment per N."""
-    from fabfile import config
+    from fabfile.providers import load_config
 
     path = tmp_path / "environments.yaml"
     path.write_text(benchlab.lab_config([1, 10, 30], 8123, "bbch00001", "10.250.3.0/24"))
-    cfg = config.load(path)
+    cfg = load_config(path)
     assert sorted(cfg.environments) == ["b1", "b10", "b30"]
     assert cfg.env("b30").workers == tuple(f"bn30-{i:02d}" for i in range(1, 31))
     assert cfg.env("b10").loadbalancers == ("bn10-01",)
@@ -78,7 +78,8 @@ def test_markdown_table_has_a_row_per_tool_and_the_verdicts():
 
 def test_peers_get_the_same_remote_command_as_booted(tmp_path):
     """The floor's remote command is exactly what booted's ssh.run_with_input sends."""
-    from fabfile import release, ssh
+    from fabfile.services import release
+    from fabfile.core import ssh
 
     ship = tools.Shipment(service="hello", version="v9", commit="c" * 40, tarball=tmp_path / "r.tar.gz",
                           unit="[Unit]\nDescription=x", script=release.DEPLOY_SCRIPT, keep=5, port=9999,

@@ -7,7 +7,11 @@ from invoke import Collection
 # Interpreter shutdown tears down every module and collects cycles; freezing first skips most of it.
 atexit.register(gc.freeze)
 
-from . import deploy, envmanager, hostbuilder, hostmanager, monitor
+from fabfile import deploy
+from fabfile import envmanager
+from fabfile import hostbuilder
+from fabfile import hostmanager
+from fabfile import monitor
 
 ns = Collection()
 for _task in (

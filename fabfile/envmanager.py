@@ -1,11 +1,12 @@
 """Environments: bring a whole environment up, to its minimum, one worker, or down."""
 from __future__ import annotations
 
-from . import environment
-from .fanout import raise_if_failed, summary
-from .names import check
-from .output import say, table
-from .taskutil import load_config, task
+from fabfile.flows import environment
+from fabfile.core.fanout import raise_if_failed, summary
+from fabfile.core.names import check
+from fabfile.core.output import say, table
+from fabfile.taskutil import load_config, task
+from fabfile.core.errors import UsageError
 
 
 def _report(report: environment.EnvReport) -> None:
@@ -36,8 +37,6 @@ def env_start_min(c, env=None, pick_randomly=False):
 def env_start_worker(c, image=None, env=None):
     """(Re)start one worker, deploy to it, add it to the load balancers."""
     cfg = load_config()
-    from .errors import UsageError
-
     if not image:
         raise UsageError("--image NAME is required")
     check("image", image, "--image")

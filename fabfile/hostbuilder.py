@@ -1,12 +1,15 @@
 """Images: build, clone, list, start, stop and delete machines through their provider."""
 from __future__ import annotations
 
-from .output import say, table
-from .taskutil import confirm, load_config, provider_for, resolve_image, task
-from .errors import BootedError, ProviderError
+from fabfile.core.output import say, table
+from fabfile.taskutil import confirm, load_config, provider_for, resolve_image, task
+from fabfile.core.errors import BootedError, ProviderError
+from fabfile.providers import NAMES as PROVIDER_NAMES
+
+PROVIDER_HELP = " or ".join(PROVIDER_NAMES)
 
 
-@task(positional=["image"], help={"image": "image name", "provider": "virtualbox or local (default: the image's environment's)"})
+@task(positional=["image"], help={"image": "image name", "provider": PROVIDER_HELP + " (default: the image's environment's)"})
 def image_build(c, image=None, provider=None):
     """Build an image unattended (VirtualBox: kickstart install; local: Debian container)."""
     cfg = load_config()
@@ -15,7 +18,7 @@ def image_build(c, image=None, provider=None):
     say(f"built {machine.name} ({prov}): {machine.state}")
 
 
-@task(positional=["image"], help={"image": "the source image", "name": "the new image's name", "provider": "virtualbox or local"})
+@task(positional=["image"], help={"image": "the source image", "name": "the new image's name", "provider": PROVIDER_HELP})
 def image_clone(c, image=None, name=None, provider=None):
     """Clone an image (linked clone, fresh MAC addresses and identity)."""
     cfg = load_config()
@@ -46,7 +49,7 @@ def image_list(c, provider=None):
         raise ProviderError("; ".join(failures))
 
 
-@task(positional=["image"], help={"image": "image name", "provider": "virtualbox or local"})
+@task(positional=["image"], help={"image": "image name", "provider": PROVIDER_HELP})
 def image_start(c, image=None, provider=None):
     """Start an image headless; returns once it is running."""
     cfg = load_config()
@@ -55,7 +58,7 @@ def image_start(c, image=None, provider=None):
     say(f"{machine.name}: {machine.state}" + (f" ({', '.join(machine.addresses)})" if machine.addresses else ""))
 
 
-@task(positional=["image"], help={"image": "image name", "force": "power off at once", "provider": "virtualbox or local"})
+@task(positional=["image"], help={"image": "image name", "force": "power off at once", "provider": PROVIDER_HELP})
 def image_stop(c, image=None, force=False, provider=None):
     """Stop an image: clean shutdown with a timeout, then power off (--force: at once)."""
     cfg = load_config()
@@ -64,7 +67,7 @@ def image_stop(c, image=None, force=False, provider=None):
     say(f"{machine.name}: {machine.state}")
 
 
-@task(positional=["image"], help={"image": "image name", "yes": "do not ask", "provider": "virtualbox or local"})
+@task(positional=["image"], help={"image": "image name", "yes": "do not ask", "provider": PROVIDER_HELP})
 def image_del(c, image=None, yes=False, provider=None):
     """Delete an image and its disks (refuses a running image)."""
     cfg = load_config()

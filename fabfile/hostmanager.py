@@ -1,11 +1,14 @@
 """Hosts: the inventory learned from the booted log, SSH reachability, and booted's nginx."""
 from __future__ import annotations
 
-from . import discovery, inventory, nginxctl, ssh
-from .errors import UsageError
-from .inventory import Inventory
-from .output import say
-from .taskutil import confirm, load_config, task
+from fabfile.flows import discovery
+from fabfile.hosts import inventory
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.core import ssh
+from fabfile.core.errors import UsageError
+from fabfile.hosts.inventory import Inventory
+from fabfile.core.output import say
+from fabfile.taskutil import confirm, load_config, task
 
 
 def _logged(cfg, booted_log, full=False):

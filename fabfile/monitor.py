@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from invoke import Exit
 
-from . import monitord
-from .taskutil import load_config, task
+from fabfile.flows import monitor as monitord
+from fabfile.taskutil import load_config, task
 
 
 @task(help={"env": "environment name",

@@ -7,9 +7,10 @@ from typing import Any, Callable
 
 from invoke import task as invoke_task
 
-from . import config as config_mod
-from . import names
-from .errors import UsageError, user_errors
+from fabfile import providers
+from fabfile.core import config as config_mod
+from fabfile.core import names
+from fabfile.core.errors import UsageError, user_errors
 
 
 def task(*args: Any, **kwargs: Any) -> Any:
@@ -29,7 +30,7 @@ def task(*args: Any, **kwargs: Any) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _load(path: str) -> config_mod.Config:
-    return config_mod.load(path)
+    return providers.load_config(path)
 
 
 def load_config() -> config_mod.Config:
@@ -59,8 +60,8 @@ def resolve_image(cfg: config_mod.Config, image: str | None, provider: str | Non
     image = names.check("image", image, flag)
     env = cfg.image_env(image)
     if provider:
-        if provider not in config_mod.PROVIDERS:
-            raise UsageError(f"unknown provider {provider!r} (known: {', '.join(config_mod.PROVIDERS)})")
+        if provider not in providers.NAMES:
+            raise UsageError(f"unknown provider {provider!r} (known: {', '.join(providers.NAMES)})")
         if env and env.provider != provider:
             raise UsageError(f"image {image!r} belongs to environment {env.name!r}, whose provider is {env.provider}")
         return image, env, provider
@@ -72,7 +73,5 @@ def resolve_image(cfg: config_mod.Config, image: str | None, provider: str | Non
     raise UsageError(f"image {image!r} is in no environment of {cfg.path}; pass --provider ({' or '.join(used)})")
 
 
-def provider_for(cfg: config_mod.Config, name: str):
-    from .providers import get_provider
-
-    return get_provider(name, cfg)
+def provider_for(cfg: config_mod.Config, name: str) -> providers.Provider:
+    return providers.get_provider(name, cfg)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from fabfile.localcmd import process_alive  # noqa: E402
+from fabfile.providers import load_config
+from fabfile.core.localcmd import process_alive  # noqa: E402
 
 
 def free_port() -> int:
@@ -120,9 +121,8 @@ class Lab:
                     os.environ[k] = v
 
     def config(self):
-        from fabfile import config
 
-        return config.load(self.config_path)
+        return load_config(self.config_path)
 
     def host_address(self, image: str) -> str:
         data = json.loads((self.state / "local" / "hosts" / image / "host.json").read_text())
@@ -170,7 +170,8 @@ class Lab:
             except ProcessLookupError:
                 pass
         with self.activated():
-            from fabfile import localnet, nginxctl
+            from fabfile.providers.local import network as localnet
+            from fabfile.hosts import endpoint as nginxctl
 
             for folder in hosts.iterdir() if hosts.exists() else []:
                 localnet.host_down(localnet.HostLink.for_image(folder.name))

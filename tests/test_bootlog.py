@@ -18,10 +18,11 @@ from collections import Counter
 
 import pytest
 
-from fabfile import bootlog, callhome
-from fabfile import config as config_mod
-from fabfile.bootlog import BootedLog, Call, parse_line
-from fabfile.errors import BootedError
+from fabfile.providers import load_config
+from fabfile.hosts import bootlog
+from fabfile.hosts import callhome
+from fabfile.hosts.bootlog import BootedLog, Call, parse_line
+from fabfile.core.errors import BootedError
 
 CONFIG = """\
 environments:
@@ -60,7 +61,7 @@ def cfg(tmp_path, monkeypatch):
     path = tmp_path / "environments.yaml"
     path.write_text(CONFIG)
     monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return config_mod.load(path)
+    return load_config(path)
 
 
 def nginx_escape(raw: bytes) -> str:

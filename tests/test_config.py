@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fabfile import config
-from fabfile.errors import ConfigError
+from fabfile.providers import load_config
+from fabfile.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ GOOD = textwrap.dedent("""\
 
 
 def test_shipped_environments_load_with_the_original_shapes():
-    cfg = config.load(ROOT / "environments.yaml")
+    cfg = load_config(ROOT / "environments.yaml")
     assert set(cfg.environments) >= {"prod", "dev", "test", "local"}
     prod = cfg.environments["prod"]
     assert len(prod.loadbalancers) == 1 and len(prod.workers) == 2
@@ -40,7 +40,7 @@ def test_shipped_environments_load_with_the_original_shapes():
 def test_defaults_fill_in(tmp_path):
     path = tmp_path / "e.yaml"
     path.write_text(GOOD)
-    cfg = config.load(path)
+    cfg = load_config(path)
     env = cfg.env("dev")
     assert (env.min_workers, env.max_workers, env.lb_port) == (1, 1, 8080)
     assert cfg.nginx["port"] == 8480 and cfg.providers["local"]["bridge"] == "booted0"
@@ -81,7 +81,7 @@ def test_bad_configuration_is_one_clear_error(tmp_path, what, text, line, fragme
     path = tmp_path / "environments.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        load_config(path)
     message = str(info.value)
     assert fragment in message
     assert message.startswith(str(path))

@@ -2,7 +2,6 @@
 test gate refusing a broken version before anything is uploaded."""
 from __future__ import annotations
 
-import json
 import subprocess
 import urllib.request
 

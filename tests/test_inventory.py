@@ -13,13 +13,13 @@ import time
 import pytest
 import yaml
 
-from fabfile import config as config_mod
-from fabfile import inventory as inv_mod
-from fabfile.bootlog import Call
-from fabfile.errors import ConfigError, UsageError
-from fabfile.inventory import HostEntry, Inventory, render
+from fabfile.providers import load_config
+from fabfile.hosts import inventory as inv_mod
+from fabfile.hosts.bootlog import Call
+from fabfile.core.errors import ConfigError, UsageError
+from fabfile.hosts.inventory import HostEntry, Inventory, render
 from fabfile.providers.base import CloneRecord
-from fabfile.reach import probe_ssh
+from fabfile.hosts.reach import probe_ssh
 
 CONFIG = """\
 environments:
@@ -47,7 +47,7 @@ def cfg(tmp_path, monkeypatch):
     path = tmp_path / "environments.yaml"
     path.write_text(CONFIG)
     monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return config_mod.load(path)
+    return load_config(path)
 
 
 def clone(name, source):
@@ -317,7 +317,7 @@ def test_real_ansible_inventory_reads_the_ansible_format(entries, tmp_path):
         f"-o UserKnownHostsFile='{tmp_path}/known hosts' -o StrictHostKeyChecking=yes")
 
 
-# --------------------------------------------------------------------------- reachability (fabfile/reach.py)
+# --------------------------------------------------------------------------- reachability (fabfile/hosts/reach.py)
 class Listeners:
     """Real sockets on one port: listening, silent (accept queue full: SYNs are dropped), closed."""
 

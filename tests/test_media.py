@@ -17,8 +17,14 @@ from pykickstart.errors import KickstartParseWarning
 from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
-from fabfile import callhome, config, localcmd, media, names, ssh, state
-from fabfile.errors import BootedError, ConfigError, UsageError
+from fabfile.providers import load_config
+from fabfile.hosts import callhome
+from fabfile.core import localcmd
+from fabfile.providers.virtualbox import media
+from fabfile.core import names
+from fabfile.core import ssh
+from fabfile.core import state
+from fabfile.core.errors import BootedError, ConfigError, UsageError
 from tests.isofixture import DEFAULT_FILES, make_test_iso
 
 REPO_CONFIG = state.PROJECT_ROOT / "environments.yaml"
@@ -55,7 +61,7 @@ def isolated(tmp_path, monkeypatch):
 def write_config(tmp_path, iso="iso/install.iso", sha=""):
     path = tmp_path / "environments.yaml"
     path.write_text(CONFIG_TEMPLATE.format(iso=iso, sha=sha))
-    return config.load(path)
+    return load_config(path)
 
 
 @pytest.fixture
@@ -135,7 +141,7 @@ def all_staged_bytes():
 
 # --------------------------------------------------------------------------- kickstart
 def test_every_environment_and_image_renders_a_valid_rhel9_kickstart(tmp_path):
-    cfg = config.load(REPO_CONFIG)
+    cfg = load_config(REPO_CONFIG)
     paths = []
     for env in cfg.environments.values():
         for image in env.images:

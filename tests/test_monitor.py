@@ -167,7 +167,7 @@ def lab_at_minimum(lab: Lab) -> Lab:
     extra = running_workers(lab) - {"lab-w1"}
     if extra:  # left by another test module of this session
         with lab.activated():
-            from fabfile import environment
+            from fabfile.flows import environment
 
             cfg = lab.config()
             for image in sorted(extra):

@@ -1,4 +1,4 @@
-"""The monitor daemon (fabfile/monitord.py) without real hosts: probes against a local HTTP server,
+"""The monitor daemon (fabfile/flows/monitor.py) without real hosts: probes against a local HTTP server,
 the log, the state file, the one-monitor lock, and the loop's signal handling with a fake environment."""
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fabfile import monitord
-from fabfile.config import Environment, MonitorSettings
-from fabfile.errors import BootedError
-from fabfile.scaling import Observation, Sample
+from fabfile.flows import monitor as monitord
+from fabfile.core.config import Environment, MonitorSettings
+from fabfile.core.errors import BootedError
+from fabfile.scaling.policy import Observation, Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from fabfile import localnet, release, templates
-from fabfile.fanout import HostResult, fan_out, summary
-from fabfile.errors import BootedError
-from fabfile.names import check
-from fabfile.errors import UsageError
+from fabfile.providers import load_config
+from fabfile.providers.local import network as localnet
+from fabfile.services import release
+from fabfile.core import templates
+from fabfile.core.fanout import HostResult, fan_out, summary
+from fabfile.core.errors import BootedError
+from fabfile.core.names import check
+from fabfile.core.errors import UsageError
 
 SUBNET = localnet.Subnet.parse("10.77.0.0/24")
 LINK = localnet.HostLink(netns="booted-abc", veth="vbabc")
@@ -69,7 +72,7 @@ def test_templates_refuse_missing_and_unused_values():
 
 
 def test_unit_text_runs_the_release_under_a_dynamic_user():
-    from fabfile import services
+    from fabfile.services import manifest as services
 
     unit = release.unit_text(services.get("hello"))
     assert "WorkingDirectory=/opt/booted/hello/current" in unit
@@ -96,9 +99,9 @@ def test_fan_out_reports_every_host_and_keeps_order(capsys):
 
 
 def test_load_balancer_config_marks_drained_workers_down_and_changes_its_id():
-    from fabfile import config, loadbalancer
+    from fabfile.balancing import loadbalancer
 
-    env = config.load().env("local")
+    env = load_config().env("local")
     a, b = loadbalancer.Upstream("10.77.0.2", 9999), loadbalancer.Upstream("10.77.0.3", 9999)
     text, cid = loadbalancer.render(env, [a, b])
     assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=5s;" in text

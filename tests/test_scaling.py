@@ -1,4 +1,4 @@
-"""The monitor's scaling policy (fabfile/scaling.py), driven with a fake clock and a simulated environment."""
+"""The monitor's scaling policy (fabfile/scaling/policy.py), driven with a fake clock and a simulated environment."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,9 +7,8 @@ import random
 
 import pytest
 
-from fabfile.config import MonitorSettings
-from fabfile.scaling import (ABANDON, DOWN, HOLD, REPLACE, UP, Observation, Pending, Policy, PolicyState, Sample,
-                             percentile)
+from fabfile.core.config import MonitorSettings
+from fabfile.scaling.policy import ABANDON, DOWN, HOLD, REPLACE, UP, Observation, Pending, Policy, PolicyState, Sample, percentile
 
 WORKERS = ("w1", "w2", "w3", "w4")
 DEFAULTS = MonitorSettings()  # interval 15s, high 300ms, low 60ms, up 3 samples, window 300s, ...

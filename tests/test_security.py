@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from fabfile import bootlog, callhome
-from fabfile import config as config_mod
-from fabfile.bootlog import BootedLog
+from fabfile.hosts import bootlog, callhome
+from fabfile.hosts.bootlog import BootedLog
+from fabfile.providers import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """\
@@ -60,7 +60,7 @@ def world(tmp_path, monkeypatch):
     path = tmp_path / "environments.yaml"
     path.write_text(CONFIG)
     monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return state, path, config_mod.load(path)
+    return state, path, load_config(path)
 
 
 def call_line(env, name, mac, addr, *, ts=None, key=None, msec=None) -> str:
@@ -104,9 +104,10 @@ def test_a_host_cannot_take_over_another_image_by_claiming_its_mac(world, tmp_pa
 def test_a_clone_is_never_sent_a_key_without_its_recorded_mac(world, monkeypatch):
     """Finding 1: the rename (which sends the image's key) refuses a host booted did not make as that clone."""
     state, config, cfg = world
-    from fabfile import discovery, ssh
-    from fabfile.errors import BootedError
-    from fabfile.inventory import HostEntry
+    from fabfile.core import ssh
+    from fabfile.core.errors import BootedError
+    from fabfile.flows import discovery
+    from fabfile.hosts.inventory import HostEntry
 
     sent = []
     monkeypatch.setattr(ssh, "connect", lambda *a, **k: sent.append(a) or pytest.fail("connected to an unproven host"))
@@ -161,7 +162,7 @@ def test_state_dir_is_private_and_a_held_lock_times_out_naming_its_holder(world,
     # a booted process holding the lock: the next one gives up with a message naming it
     holder = subprocess.Popen([sys.executable, "-c", (
         "import os, sys, time; sys.argv = ['fab', 'hosts-logged']\n"
-        "from fabfile.state import locked\n"
+        "from fabfile.core.state import locked\n"
         "with locked('bootlog'):\n    print('held', flush=True); time.sleep(60)\n")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, BOOTED_STATE_DIR=str(state)))
     try:
@@ -187,7 +188,7 @@ def test_booted_ssh_ignores_the_operators_ssh_config(world, tmp_path, monkeypatc
         "  ProxyJump jump.example\n")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent.sock"))
-    from fabfile import ssh
+    from fabfile.core import ssh
 
     conn = ssh.connect("192.168.56.70", world[2])
     assert (conn.port, conn.forward_agent, conn.gateway, conn.user) == (22, False, None, "booted")
@@ -246,7 +247,7 @@ def spy_service(tmp_path, monkeypatch, world):
     _git("tag", "v9", cwd=repo)
     monkeypatch.setenv("SPY_REPO", str(repo))
     monkeypatch.setenv("BOOTED_PW", "root-password-123")
-    from fabfile import services
+    from fabfile.services import manifest as services
 
     callhome.env_secret("prod")  # a secret exists to be stolen
     return services.load_manifest(folder / "service.yaml")
@@ -267,7 +268,7 @@ def _processes(pattern: str) -> list[int]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
 def test_tag_code_runs_unprivileged_without_secrets_or_state(spy_service, tmp_path):
     """Finding 2: the tag's tests see no root, no BOOTED_PW, no repo URL, no state dir; nothing outlives them."""
-    from fabfile import servicerepo
+    from fabfile.services import repo as servicerepo
 
     tested = servicerepo.pack_and_test(spy_service, "v9", tmp_path / "gate")
     assert tested.ok, tested.output
@@ -280,7 +281,7 @@ def test_tag_code_runs_unprivileged_without_secrets_or_state(spy_service, tmp_pa
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
 def test_the_test_time_limit_kills_the_whole_process_group(spy_service, tmp_path, monkeypatch):
-    from fabfile import servicerepo
+    from fabfile.services import repo as servicerepo
 
     import dataclasses
 
@@ -342,7 +343,8 @@ def test_repo_credentials_never_reach_an_argv_or_the_cached_config(tmp_path, mon
     folder.mkdir(parents=True)
     (folder / "service.yaml").write_text("name: svc\nport: 8000\nhealth: /h\nrun: [python3, app.py]\n"
                                          "test: [python3, -c, pass]\n")
-    from fabfile import servicerepo, services
+    from fabfile.services import manifest as services
+    from fabfile.services import repo as servicerepo
 
     svc = services.load_manifest(folder / "service.yaml")
     monkeypatch.setenv("SVC_REPO", f"http://ann:s3cret-pw@127.0.0.1:{server.server_address[1]}/svc.git")
@@ -358,7 +360,7 @@ def test_repo_credentials_never_reach_an_argv_or_the_cached_config(tmp_path, mon
     assert "s3cret" not in (cached[0] / "config").read_text()
     assert stat.S_IMODE((state / "repos" / "cache").stat().st_mode) == 0o700
     # and no other child of booted is given the secret-bearing variables at all
-    from fabfile import localcmd
+    from fabfile.core import localcmd
 
     env_dump = localcmd.run(["env"]).stdout
     assert "s3cret" not in env_dump and "BOOTED_PW" not in env_dump
@@ -378,8 +380,9 @@ def _unit_exposure(unit_text: str, tmp_path: Path) -> dict[str, bool]:
 def test_manifest_values_cannot_inject_unit_lines(tmp_path):
     """Finding 14: an env value with a newline is refused with a located error; % and $ reach the
     service literally; the unit keeps running under a dynamic user whatever the manifest holds."""
-    from fabfile import release, services
-    from fabfile.errors import ConfigError
+    from fabfile.core.errors import ConfigError
+    from fabfile.services import manifest as services
+    from fabfile.services import release
 
     folder = tmp_path / "svc"
     folder.mkdir()
@@ -432,7 +435,7 @@ def test_concurrent_deploys_to_one_host_all_succeed(tmp_path):
     namespace stands in for the host's /opt and /etc/systemd/system; systemctl is a no-op)."""
     import tarfile
 
-    from fabfile import release
+    from fabfile.services import release
 
     src = tmp_path / "src"
     src.mkdir()

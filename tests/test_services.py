@@ -1,4 +1,4 @@
-"""Service manifests (fabfile/services.py) and service repositories (fabfile/servicerepo.py)."""
+"""Service manifests (fabfile/services/manifest.py) and service repositories (fabfile/services/repo.py)."""
 from __future__ import annotations
 
 import http.client
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fabfile import servicerepo, services
-from fabfile.errors import ConfigError, UsageError
-from fabfile.servicerepo import RepoError
+from fabfile.services import repo as servicerepo
+from fabfile.services import manifest as services
+from fabfile.core.errors import ConfigError, UsageError
+from fabfile.services.repo import RepoError
 
 HELLO_DIR = Path(__file__).resolve().parent.parent / "service" / "hello"
 
@@ -62,7 +63,7 @@ def test_discover_finds_hello():
     assert hello.versions == ("v1", "v2")
     assert hello.dir == HELLO_DIR
     assert hello.repo_env == "HELLO_REPO"
-    assert "hello" in services.names()
+    assert "hello" in services.service_names()
     assert services.get("hello") == hello
 
 
@@ -136,7 +137,7 @@ def test_names_lists_services_without_reading_manifests(tmp_path):
     (tmp_path / "not_a_service").mkdir()
     (tmp_path / "Bad-Name").mkdir()
     (tmp_path / "Bad-Name" / "service.yaml").write_text(GOOD_MANIFEST)
-    assert services.names(tmp_path) == ["svc"]
+    assert services.service_names(tmp_path) == ["svc"]
     with pytest.raises(ConfigError):
         services.get("svc", tmp_path)
 

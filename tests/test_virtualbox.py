@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fabfile.errors import BootedError, ConfigError, ProviderError, UsageError
+from fabfile.core.errors import BootedError, ConfigError, ProviderError, UsageError
 from fabfile.providers import base
-from fabfile.providers.virtualbox import SNAPSHOT, clone_argvs, hardware_argv, storage_argvs
+from fabfile.providers.virtualbox.provider import SNAPSHOT, clone_argvs, hardware_argv, storage_argvs
 from tests.vbox_fixtures import (  # noqa: F401  (the fixtures are used by name)
     IMAGE,
     VBoxLab,
@@ -167,7 +167,7 @@ def test_build_cleanup_after_disk_is_attached(vbox_lab, vbox_provider, monkeypat
 
 
 def lab_env(lab: VBoxLab):
-    from fabfile.config import load
+    from fabfile.providers import load_config as load
 
     return load(lab.config).environments["lab"]
 

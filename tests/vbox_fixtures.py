@@ -192,15 +192,15 @@ def make_world(root: Path) -> VBoxLab:
 
 def provider_in(lab: VBoxLab, monkeypatch):
     """A VirtualBoxProvider in this process, seeing ``lab``'s environment."""
-    from fabfile import config as config_mod
-    from fabfile.providers.virtualbox import VirtualBoxProvider
+    from fabfile.providers import load_config
+    from fabfile.providers.virtualbox.provider import VirtualBoxProvider
 
     for key in [k for k in os.environ if k.startswith(("BOOTED_", "VBOX_"))]:
         monkeypatch.delenv(key)
     for key, value in lab.env.items():
         if key.startswith(("BOOTED_", "VBOX_")) or key == "PATH":
             monkeypatch.setenv(key, value)
-    return VirtualBoxProvider(config_mod.load(lab.config))
+    return VirtualBoxProvider(load_config(lab.config))
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +214,9 @@ def vbox_template(tmp_path_factory) -> VBoxLab:
 
 
 def _lab_env(lab: VBoxLab):
-    from fabfile import config as config_mod
+    from fabfile.providers import load_config
 
-    return config_mod.load(lab.config).environments["lab"]
+    return load_config(lab.config).environments["lab"]
 
 
 @pytest.fixture

@@ -9,8 +9,11 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fabfile.core.errors import ProviderError
+from fabfile.hosts import callhome
+
 if TYPE_CHECKING:
-    from ..config import Config, Environment
+    from fabfile.core.config import Config, Environment
 
 RUNNING = "running"
 STOPPED = "poweroff"
@@ -79,6 +82,13 @@ class Provider(abc.ABC):
         """Clones that call home under their source's name until renamed (none by default: a
         provider that gives each clone its own call-home identity at once has none)."""
         return []
+    @abc.abstractmethod
+    def booted_address(self) -> str:
+        """The address at which this provider's hosts reach booted's nginx (the call-home endpoint)."""
+
+    def callhome_url(self) -> str:
+        """The call-home URL this provider's hosts are given."""
+        return callhome.callhome_url(self.booted_address(), self.config.nginx["port"])
 
     def get(self, image: str) -> Machine | None:
         for machine in self.list():
@@ -87,8 +97,6 @@ class Provider(abc.ABC):
         return None
 
     def require(self, image: str) -> Machine:
-        from ..errors import ProviderError
-
         machine = self.get(image)
         if machine is None:
             raise ProviderError(f"no such {self.name} image (see `fab image-list`)", image=image)

@@ -1,0 +1,141 @@
+"""Load balancers: nginx on each load balancer host, its upstream generated from the inventory.
+
+The config is rendered here from nginx/loadbalancer.conf, pushed over SSH in one command that
+installs it, checks it with ``nginx -t`` (restoring the previous file if the check fails) and
+reloads nginx gracefully (in-flight requests finish on the old workers).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from fabfile.core import ssh
+from fabfile.core import templates
+from fabfile.core.config import Config, Environment
+from fabfile.core.errors import BootedError, HostError
+from fabfile.hosts.inventory import HostEntry, Inventory
+from fabfile.core.http import http_request
+from fabfile.core.state import PROJECT_ROOT
+
+TEMPLATE = PROJECT_ROOT / "nginx" / "loadbalancer.conf"
+REMOTE_CONF = "/etc/nginx/conf.d/booted-lb.conf"
+LB_LOG = "/var/log/nginx/booted-lb.log"
+
+# stdin: the new config. Install, check, roll back on failure, start or reload.
+PUSH_SCRIPT = r"""
+set -eu
+conf=/etc/nginx/conf.d/booted-lb.conf
+mkdir -p /etc/nginx/conf.d
+cat > "$conf.new"
+[ -e "$conf" ] && cp -p "$conf" "$conf.old"
+mv "$conf.new" "$conf"
+if ! out=$(nginx -t 2>&1); then
+  if [ -e "$conf.old" ]; then mv "$conf.old" "$conf"; else rm -f "$conf"; fi
+  echo "nginx -t rejected the new config: $out" >&2
+  exit 4
+fi
+rm -f "$conf.old"
+systemctl enable --quiet nginx 2>/dev/null || true
+if systemctl is-active --quiet nginx; then systemctl reload nginx; else systemctl restart nginx; fi
+"""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    address: str
+    port: int
+    down: bool = False
+
+
+def upstream_name(env: Environment) -> str:
+    return "booted_" + re.sub(r"[^a-z0-9_]", "_", env.name)
+
+
+def render(env: Environment, upstreams: Iterable[Upstream]) -> tuple[str, str]:
+    """The load balancer's config and its id (a hash of everything else in it, served at
+    /booted-lb/config so booted can tell when a reload has taken effect)."""
+    ups = sorted(set(upstreams), key=lambda u: (u.address, u.port))
+    if not ups:
+        # nginx needs at least one server; an unroutable one makes requests fail fast with 502
+        servers = "    server 127.0.0.1:9 down;  # no healthy workers"
+    else:
+        servers = "\n".join(
+            f"    server {u.address}:{u.port} max_fails=1 fail_timeout=5s{' down' if u.down else ''};" for u in ups
+        )
+    live = sum(1 for u in ups if not u.down)
+    values = {
+        "env": env.name,
+        "upstream": upstream_name(env),
+        "servers": servers,
+        "port": env.lb_port,
+        "tries": max(2, min(live, 4)),
+        "connect_timeout": "1s",
+        "read_timeout": "3s",
+    }
+    config_id = hashlib.sha256(templates.render(TEMPLATE, {**values, "config_id": ""}).encode()).hexdigest()[:16]
+    return templates.render(TEMPLATE, {**values, "config_id": config_id}), config_id
+
+
+def healthy_workers(cfg: Config, env: Environment) -> list[HostEntry]:
+    return [e for e in Inventory().hosts(env=env.name, role="workers") if e.reachable is not False]
+
+
+def loadbalancers(cfg: Config, env: Environment) -> list[HostEntry]:
+    return [e for e in Inventory().hosts(env=env.name, role="loadbalancers") if e.reachable is not False]
+
+
+def push(cfg: Config, lb: HostEntry, text: str) -> None:
+    with ssh.connect(lb.address, cfg) as conn:
+        ssh.run_with_input(conn, ["sh", "-c", PUSH_SCRIPT, "lb-push"], text.encode(), sudo=True, timeout=30)
+
+
+def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),
+           workers: list[HostEntry] | None = None) -> list[str]:
+    """Regenerate and push every load balancer's upstream; ``drain``: images marked down.
+
+    Returns the load balancer URLs. Raises if no load balancer of the environment is known.
+    """
+    drain = set(drain)
+    workers = healthy_workers(cfg, env) if workers is None else workers
+    text, config_id = render(env, [Upstream(w.address, port, w.image in drain) for w in workers])
+    lbs = loadbalancers(cfg, env)
+    if not lbs:
+        raise BootedError(f"environment {env.name} has no load balancer host in the inventory")
+    for lb in lbs:
+        push(cfg, lb, text)
+    for lb in lbs:
+        wait_serving(env, lb, config_id)
+    return [url(env, lb) for lb in lbs]
+
+
+def wait_serving(env: Environment, lb: HostEntry, wanted: str, timeout: float = 10.0) -> None:
+    """A reload only signals nginx; wait until its new workers answer with the new config."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = http_request(lb.address, env.lb_port, "GET", "/booted-lb/config", timeout=2)
+            if status == 200 and body.strip() == wanted:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise HostError(lb.image, f"load balancer did not switch to the new config within {timeout:g}s")
+
+
+def url(env: Environment, lb: HostEntry) -> str:
+    return f"http://{lb.address}:{env.lb_port}/"
+
+
+def check_through(env: Environment, lb: HostEntry, timeout: float = 5.0) -> str:
+    """One request through the load balancer; returns the body or raises HostError."""
+    try:
+        status, body = http_request(lb.address, env.lb_port, "GET", "/", timeout=timeout)
+    except OSError as err:
+        raise HostError(lb.image, f"load balancer port {env.lb_port}: {err.strerror or err}") from None
+    if status != 200:
+        raise HostError(lb.image, f"GET / through the load balancer answered {status}")
+    return body.strip()

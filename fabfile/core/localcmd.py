@@ -1,0 +1,102 @@
+"""The one helper that runs local commands: argument lists only, never a shell string."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from fabfile.core.errors import CommandError
+
+
+@dataclass
+class CommandResult:
+    """What a finished command did."""
+
+    argv: list[str]
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.argv)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    input: str | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> CommandResult:
+    """Run ``argv`` (a list; no shell) and return its result; raise ``CommandError`` if ``check``."""
+    argv = [str(a) for a in argv]
+    full_env = child_environ()
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            input=input,
+            cwd=cwd,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            # its own process group: a Ctrl-C meant for booted (which finishes or abandons its
+            # step cleanly) must not kill the command under it mid-way
+            process_group=0,
+        )
+    except FileNotFoundError:
+        raise CommandError(f"command not found: {argv[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise CommandError(f"timed out after {timeout:g}s: {' '.join(argv[:3])}") from None
+    result = CommandResult(argv, proc.returncode, proc.stdout, proc.stderr)
+    if check and not result.ok:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise CommandError(
+            f"{' '.join(argv[:3])} failed (exit {result.returncode})"
+            + (f": {detail[-1]}" if detail else ""),
+            result,
+        )
+    return result
+
+
+def is_secret_variable(name: str) -> bool:
+    """Variables that hold secrets booted reads itself (the root password, repository URLs, which
+    may carry credentials): no child process needs them."""
+    return name == "BOOTED_PW" or name.endswith("_REPO")
+
+
+def child_environ() -> dict[str, str]:
+    """booted's environment without its secrets: what every local command starts from."""
+    return {k: v for k, v in os.environ.items() if not is_secret_variable(k)}
+
+
+def process_alive(pid: int, name: bytes | None = None) -> bool:
+    """True if ``pid`` runs, is not a zombie (this machine's PID 1 reaps orphans late, so a plain
+    ``kill -0`` says yes long after a process ended), and, if ``name`` is given, has it in its argv[0]."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        return False
+    return name is None or name in argv0
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)

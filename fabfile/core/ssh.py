@@ -1,0 +1,300 @@
+"""The one place that builds SSH connections and runs remote commands.
+
+* user: ``BOOTED_USER``, else ``settings.ssh.user`` (default ``booted``);
+* key: ``settings.ssh.key`` or ``BOOTED_SSH_KEY``, else a key pair generated once into the state dir;
+* a connect timeout, TCP_NODELAY (paramiko leaves Nagle on, which costs ~40 ms per command);
+* host keys pinned on first contact into ``state/ssh/known_hosts`` and refused on mismatch;
+* nothing from the operator: no ``~/.ssh/config`` or ``/etc/ssh/ssh_config`` (no agent forwarding,
+  no foreign identity files, no proxy), no ssh agent, no fabric/invoke config files; port 22.
+
+Remote commands are argument lists; ``run`` quotes every item with ``shlex.quote``.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import paramiko
+from fabric import Config as FabricConfig
+from fabric import Connection
+
+from fabfile.core import localcmd
+from fabfile.core.errors import BootedError, HostError
+from fabfile.core.state import locked, state_path
+
+DEFAULT_USER = "booted"
+SSH_PORT = 22
+
+
+def keypair(config=None) -> tuple[str, str]:
+    """(private, public) key paths; generated with ssh-keygen on first use."""
+    configured = os.environ.get("BOOTED_SSH_KEY") or (config.ssh.get("key") if config else "")
+    if configured:
+        private = Path(configured).expanduser()
+        if not private.exists() or not Path(f"{private}.pub").exists():
+            raise BootedError(f"SSH key {private} (or its .pub) does not exist (settings.ssh.key / BOOTED_SSH_KEY)")
+        return str(private), f"{private}.pub"
+    private = state_path("ssh", "id_ed25519")
+    with locked("ssh-keygen"):
+        if not private.exists():
+            os.chmod(private.parent, 0o700)
+            localcmd.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "booted", "-f", str(private)])
+    return str(private), f"{private}.pub"
+
+
+def user(config=None) -> str:
+    return os.environ.get("BOOTED_USER") or (config.ssh.get("user") if config else "") or DEFAULT_USER
+
+
+def known_hosts_path() -> Path:
+    return state_path("ssh", "known_hosts")
+
+
+def _load_pins(path: Path) -> paramiko.HostKeys:
+    keys = paramiko.HostKeys()
+    if path.exists():
+        try:
+            keys.load(str(path))
+        except (UnicodeDecodeError, paramiko.SSHException, ValueError) as err:
+            raise BootedError(f"{path}: not a known_hosts file ({err}); remove it (pins are made again on next contact)") from None
+    return keys
+
+
+def _save_pins(keys: paramiko.HostKeys, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    keys.save(str(tmp))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
+    """Accept and record a host key the first time a host is seen; refuse a different one later.
+
+    ``like``: an address whose pinned key the new host must present (a clone, which inherited its
+    source's host keys until booted re-keys it); then nothing unlike it is ever pinned.
+    """
+
+    def __init__(self, like: str | None = None):
+        self.like = like
+
+    def missing_host_key(self, client, hostname, key):
+        path = known_hosts_path()
+        with locked("known_hosts"):
+            keys = _load_pins(path)
+            known = keys.lookup(hostname)
+            if known:
+                stored = known.get(key.get_name())
+                if stored is not None and stored == key:
+                    return
+                raise HostError(
+                    hostname,
+                    f"host key does not match the one pinned in {path}; if the host was rebuilt, "
+                    f"run `fab hosts-forget --host {hostname}`",
+                )
+            if self.like:
+                source = keys.lookup(self.like) or {}
+                if source.get(key.get_name()) != key:
+                    raise HostError(hostname, f"presents a host key unlike the one pinned for {self.like}, "
+                                              "the image it claims to be a clone of; not trusted")
+            keys.add(hostname, key.get_name(), key)
+            _save_pins(keys, path)
+
+
+def pinned(address: str) -> bool:
+    with locked("known_hosts"):
+        return _load_pins(known_hosts_path()).lookup(address) is not None
+
+
+def repin(address: str, public_keys: str) -> int:
+    """Replace the pins of ``address`` with ``public_keys`` (``type base64 [comment]`` lines, read
+    from the host over an already authenticated channel); the number pinned."""
+    new = []
+    for line in public_keys.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            try:
+                new.append(paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1])))
+            except Exception:  # noqa: BLE001 - a line that is not a key is ignored
+                continue
+    if not new:
+        raise HostError(address, "sent no SSH host key to pin after re-keying")
+    path = known_hosts_path()
+    with locked("known_hosts"):
+        keys = _load_pins(path)
+        if address in keys:
+            del keys[address]
+        for key in new:
+            keys.add(address, key.get_name(), key)
+        _save_pins(keys, path)
+    return len(new)
+
+
+def forget(address: str) -> None:
+    """Drop the pinned keys of ``address`` (its host was deleted or rebuilt)."""
+    path = known_hosts_path()
+    with locked("known_hosts"):
+        if not path.exists():
+            return
+        keys = _load_pins(path)
+        if address in keys:
+            del keys[address]
+            _save_pins(keys, path)
+
+
+class BootedConnection(Connection):
+    """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
+
+    def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None,
+                 like: str | None = None):
+        connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
+        private, _ = keypair(config)
+        super().__init__(
+            host,
+            user=user_name or user(config),
+            port=SSH_PORT,
+            # lazy: no fabric/invoke config files; no ssh_config: the operator's ForwardAgent,
+            # IdentityFile, ProxyJump or Port must not reach managed hosts
+            config=FabricConfig(lazy=True, overrides={"load_ssh_configs": False}),
+            forward_agent=False,
+            gateway=None,
+            connect_timeout=connect_timeout,
+            connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
+        )
+        self.client.set_missing_host_key_policy(PinOnFirstUse(like))
+        pins = _load_pins(known_hosts_path())
+        for hostname, entry in pins.items():
+            for key in entry.values():
+                self.client.get_host_keys().add(hostname, key.get_name(), key)
+
+    def open(self):
+        if not self.is_connected:
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            except OSError as err:
+                raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connect_kwargs["sock"] = sock
+        try:
+            return super().open()
+        except paramiko.BadHostKeyException:
+            raise HostError(
+                self.host,
+                f"host key does not match the one pinned in {known_hosts_path()}; if the host was rebuilt, "
+                f"run `fab hosts-forget --host {self.host}`",
+            ) from None
+        except paramiko.AuthenticationException:
+            raise HostError(self.host, f"SSH login as {self.user!r} with booted's key was refused") from None
+        except (paramiko.SSHException, OSError) as err:
+            raise HostError(self.host, f"SSH failed: {err}") from None
+        finally:
+            self.connect_kwargs.pop("sock", None)
+
+
+def connect(host: str, config=None, user_name: str | None = None, timeout: float | None = None,
+            like: str | None = None) -> BootedConnection:
+    return BootedConnection(host, config, user_name, timeout, like)
+
+
+@dataclass
+class RemoteResult:
+    host: str
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def quote(argv: Sequence[object]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def run(
+    conn: Connection,
+    argv: Sequence[object],
+    *,
+    sudo: bool = False,
+    check: bool = True,
+    timeout: float | None = None,
+    stdin: str | None = None,
+) -> RemoteResult:
+    """Run ``argv`` on ``conn``'s host, every item quoted; ``sudo`` runs it as root (non-interactive)."""
+    command = quote(argv)
+    if sudo and conn.user != "root":
+        command = "sudo -n -- " + command
+    return run_raw(conn, command, check=check, timeout=timeout, stdin=stdin)
+
+
+def run_raw(conn: Connection, command: str, *, check: bool = True, timeout: float | None = None,
+            stdin: str | None = None) -> RemoteResult:
+    import io
+
+    kwargs = {"hide": True, "warn": True, "timeout": timeout}
+    kwargs["in_stream"] = io.StringIO(stdin) if stdin is not None else False
+    try:
+        res = conn.run(command, **kwargs)
+    except BootedError:
+        raise
+    except Exception as err:  # invoke CommandTimedOut, paramiko errors
+        raise HostError(conn.host, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}") from None
+    result = RemoteResult(conn.host, command, res.exited, res.stdout, res.stderr)
+    if check and not result.ok:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise HostError(conn.host, f"command failed (exit {result.returncode})" + (f": {detail[-1]}" if detail else ""), result)
+    return result
+
+
+def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sudo: bool = False,
+                   check: bool = True, timeout: float = 120.0) -> RemoteResult:
+    """Run ``argv`` with ``data`` on its stdin over one SSH channel (no SFTP round trips).
+
+    Used to ship a release: the tarball streams straight into ``tar -x`` on the host.
+    """
+    import time as _time
+
+    command = quote(argv)
+    if sudo and conn.user != "root":
+        command = "sudo -n -- " + command
+    conn.open()
+    try:
+        chan = conn.client.get_transport().open_session(timeout=timeout)
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        if data:
+            chan.sendall(data)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+
+        def drain() -> None:
+            while chan.recv_ready():
+                out.extend(chan.recv(65536))
+            while chan.recv_stderr_ready():
+                err.extend(chan.recv_stderr(65536))
+
+        # Sleep on the exit-status event: it wakes the moment the command ends. Draining every
+        # 0.2 s keeps a chatty command from filling the channel window; no 10 ms polling loop.
+        deadline = _time.monotonic() + timeout
+        while not chan.status_event.wait(0.2):
+            drain()
+            if _time.monotonic() > deadline:
+                raise HostError(conn.host, f"command timed out after {timeout:g}s")
+        drain()
+        code = chan.recv_exit_status()
+        chan.close()
+    except BootedError:
+        raise
+    except (paramiko.SSHException, OSError, socket.timeout) as err:
+        raise HostError(conn.host, f"SSH failed: {err}") from None
+    result = RemoteResult(conn.host, command, code, out.decode(errors="replace"), err.decode(errors="replace"))
+    if check and not result.ok:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise HostError(conn.host, f"command failed (exit {result.returncode})" + (f": {detail[-1]}" if detail else ""), result)
+    return result

@@ -1,0 +1,302 @@
+"""Environments end to end: start images, wait for them to call home, deploy, balance, check.
+
+The functions here serve the env-* tasks and the monitor alike: ``start_worker`` and
+``stop_image`` are what the monitor's scaling steps call.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from fabfile.flows import plans, rollout
+from fabfile.flows import discovery
+from fabfile.balancing import loadbalancer
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.services import release
+from fabfile.services import manifest as services
+from fabfile.core import ssh
+from fabfile.core.config import Config, Environment
+from fabfile.core.errors import BootedError, WaitTimeout
+from fabfile.core.http import http_request
+from fabfile.core.fanout import HostResult, fan_out, raise_if_failed
+from fabfile.hosts.inventory import Inventory
+from fabfile.core.output import host_line, progress, say, wait_until
+from fabfile.providers import Provider, get_provider
+
+
+@dataclass
+class EnvReport:
+    env: str
+    version: str
+    hosts: list[tuple[str, str, str]] = field(default_factory=list)  # image, roles, address
+    urls: list[str] = field(default_factory=list)
+
+
+def provider_of(cfg: Config, env: Environment) -> Provider:
+    return get_provider(env.provider, cfg)
+
+
+def ensure_nginx(cfg: Config) -> None:
+    """booted's nginx must run for hosts to call home; start it (without rotating) if it doesn't."""
+    if not nginxctl.status(cfg).running:
+        action, _ = nginxctl.restart(cfg, rotate=False)
+        progress(f"booted nginx {action} on port {cfg.nginx['port']}")
+
+
+def boot_timeout(cfg: Config, env: Environment) -> float:
+    return float(cfg.provider_settings(env.provider)["boot_timeout_s"]) + 30.0
+
+
+# ---------------------------------------------------------------------------- images up and down
+def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, float | None]:
+    """Start ``images`` in parallel (building any that don't exist yet).
+
+    Returns ``{image: start time}`` for images this call booted, ``None`` for ones already running.
+    Raises if any image failed to start, after reporting each one.
+    """
+    prov = provider_of(cfg, env)
+    plan = plans.plan_start(images, {m.name: m for m in prov.list()})
+    started: dict[str, float | None] = {}
+
+    def one(image: str) -> str:
+        if image in plan.running:
+            started[image] = None
+            return "already running"
+        if image in plan.build:
+            prov.build(image, env)
+        started[image] = time.time()
+        machine = prov.start(image)
+        return f"started ({', '.join(machine.addresses) or 'address pending'})"
+
+    results = fan_out(images, one, label=lambda i: i, parallel=8)
+    raise_if_failed("start", results)
+    return started
+
+
+def wait_called_home(cfg: Config, env: Environment, started: dict[str, float | None]) -> None:
+    """Wait until every started image has called home (and every running one is in the inventory)."""
+    inv = Inventory()
+    path = discovery.log_path()
+
+    def missing() -> list[str]:
+        return plans.not_called_home(started, {e.image: e for e in inv.hosts(env=env.name)})
+
+    def poll() -> bool:
+        if path.exists():
+            discovery.record(cfg, discovery.read_log(cfg, path))
+        return not missing()
+
+    try:
+        wait_until(poll, timeout=boot_timeout(cfg, env), what=f"{env.name} hosts to call home",
+                   interval=0.3, report_every=10)
+    except WaitTimeout:
+        # Hosts that were already running called home before the last rotation or clear: re-read it all.
+        if path.exists():
+            discovery.record(cfg, discovery.read_log(cfg, path, full=True))
+        gone = missing()
+        if gone:
+            raise WaitTimeout(f"no call home from {', '.join(gone)} within {boot_timeout(cfg, env):g}s; "
+                              f"check booted's nginx (fab restart-nginx) and the hosts' console") from None
+
+
+def probe(cfg: Config, env: Environment, images: list[str]) -> None:
+    """SSH reachability of the environment's hosts; fix clone hostnames. Raises if one is down."""
+    down = [i for i in refresh_reachability(cfg, env) if i in images]
+    if down:
+        raise BootedError(f"not answering on SSH: {', '.join(down)}")
+    discovery.fix_hostnames(cfg)
+
+
+def stop_images(cfg: Config, env: Environment, images: list[str]) -> list[HostResult]:
+    prov = provider_of(cfg, env)
+    plan = plans.plan_stop(images, {m.name: m for m in prov.list()})
+
+    def one(image: str) -> str:
+        if plan[image] == "stop":
+            prov.stop(image)
+        if plan[image] != "not built":
+            Inventory().remove(image)
+        return "stopped" if plan[image] == "stop" else plan[image]
+
+    return fan_out(images, one, label=lambda i: i, parallel=8)
+
+
+# ---------------------------------------------------------------------------- service and balancing
+def service_of(env: Environment) -> services.Service:
+    return services.get(env.service)
+
+
+def converge_service(cfg: Config, env: Environment, images: list[str], version: str | None = None) -> list[HostResult]:
+    """Deploy the environment's version to the workers among ``images`` that don't serve it yet."""
+    svc = service_of(env)
+    version = version or env.version
+    workers = [e for e in Inventory().hosts(env=env.name, role="workers") if e.image in images]
+    serving = {e.image: serving_version(e.address, svc.port) for e in workers}
+    stale = plans.stale_workers(serving, version)
+    for image in serving:
+        if image not in stale:
+            say(host_line(image, True, f"already serving {version}"))
+    mode = plans.converge_mode(stale, bool(stale) and has_live_loadbalancer(cfg, env))
+    if mode == plans.ROLLING:
+        # users are being served: replace the stale workers one at a time behind the balancer
+        return rolling_deploy(cfg, env, version, images=stale)
+    if mode == plans.PARALLEL:
+        return rollout.deploy(cfg, svc, version, env.name, images=stale)
+    return []
+
+
+def serving_version(address: str, port: int) -> str | None:
+    """What a worker's ``/version`` answers (None: no answer)."""
+    try:
+        status, body = http_request(address, port, "GET", "/version", timeout=2)
+    except OSError:
+        return None
+    return body.strip() if status == 200 else None
+
+
+def rolling_deploy(cfg: Config, env: Environment, version: str | None = None,
+                   images: list[str] | None = None) -> list[HostResult]:
+    """Deploy to a running, balanced environment one worker at a time: drain, switch, check, undrain.
+
+    ``images`` limits it to some workers (the others keep serving throughout)."""
+    svc = service_of(env)
+    version = version or env.version
+    rel = release.prepare(svc, version)
+    refresh_reachability(cfg, env)
+    workers = loadbalancer.healthy_workers(cfg, env)
+    results: list[HostResult] = []
+    for entry in workers:
+        if images is not None and entry.image not in images:
+            continue
+        start = time.monotonic()
+        try:
+            loadbalancer.update(cfg, env, svc.port, drain={entry.image}, workers=workers)
+            time.sleep(0.5)  # let requests already on their way to it finish
+            with ssh.connect(entry.address, cfg) as conn:
+                detail = release.deploy_to(conn, svc, rel, cfg.deploy["keep_releases"], float(cfg.deploy["timeout_s"]))
+            release.record(entry.address, svc.name, rel.version, rel.commit)
+            release.check_service(entry.address, svc, version)
+            loadbalancer.update(cfg, env, svc.port, workers=workers)
+            result = HostResult(entry.image, True, detail)
+        except BootedError as err:
+            # leave the host drained so users never reach a broken release; stop the rollout
+            result = HostResult(entry.image, False, f"{err} (left drained; rollout stopped)")
+            result.seconds = time.monotonic() - start
+            say(host_line(entry.image, False, result.detail))
+            results.append(result)
+            break
+        result.seconds = time.monotonic() - start
+        say(host_line(entry.image, True, f"{detail} (drained, switched, back in)"))
+        results.append(result)
+    return results
+
+
+def deploy_balanced_or_parallel(cfg: Config, svc: services.Service, version: str | None,
+                                env_name: str | None) -> list[HostResult]:
+    """hello-deploy: environments whose load balancer is up get a rolling deploy (users see no
+    failed request); workers without a live load balancer are deployed all at once."""
+    results: list[HostResult] = []
+    by_env: dict[str, list[rollout.Target]] = {}
+    for t in rollout.targets(cfg, svc.name, env_name):
+        by_env.setdefault(t.env.name, []).append(t)
+    for name, group in by_env.items():
+        env = cfg.env(name)
+        if has_live_loadbalancer(cfg, env):
+            say(f"== {name}: rolling deploy behind its load balancer, one worker at a time")
+            results += rolling_deploy(cfg, env, version)
+        else:
+            results += rollout.deploy(cfg, svc, version, name, images=[t.entry.image for t in group])
+    return results
+
+
+def refresh_reachability(cfg: Config, env: Environment) -> list[str]:
+    """Re-probe the environment's hosts on SSH; returns the images that stopped answering."""
+    results = discovery.probe_inventory(env.name, timeout=1.5)
+    return [e.image for e in Inventory().hosts(env=env.name) if not results.get(e.address)]
+
+
+def has_live_loadbalancer(cfg: Config, env: Environment) -> bool:
+    for lb in loadbalancer.loadbalancers(cfg, env):
+        try:
+            status, _ = http_request(lb.address, env.lb_port, "GET", "/booted-lb/healthz", timeout=1)
+            if status == 200:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def balance(cfg: Config, env: Environment) -> list[str]:
+    """Point every load balancer at the environment's healthy workers; check a request through each."""
+    svc = service_of(env)
+    urls = loadbalancer.update(cfg, env, svc.port)
+    for lb in loadbalancer.loadbalancers(cfg, env):
+        body = loadbalancer.check_through(env, lb)
+        say(host_line(lb.image, True, f"load balancer answers: {body}"))
+    return urls
+
+
+# ---------------------------------------------------------------------------- whole flows
+def bring_up(cfg: Config, env: Environment, images: list[str]) -> EnvReport:
+    """Start ``images`` of ``env`` and make the environment serve: the body of env-start-*."""
+    ensure_nginx(cfg)
+    say(f"== starting {len(images)} images of {env.name} ({env.provider})")
+    started = start_images(cfg, env, images)
+    say("== waiting for hosts to call home")
+    wait_called_home(cfg, env, started)
+    probe(cfg, env, images)
+    svc = service_of(env)
+    say(f"== deploying {svc.name} {env.version}")
+    raise_if_failed(f"{svc.name}-deploy", converge_service(cfg, env, images))
+    say(f"== testing {svc.name}")
+    raise_if_failed(f"{svc.name}-test", rollout.test(cfg, svc, env.name))
+    say("== configuring load balancers")
+    urls = balance(cfg, env)
+    report = EnvReport(env.name, env.version, urls=urls)
+    for e in Inventory().hosts(env=env.name):
+        report.hosts.append((e.image, ",".join(e.roles), e.address))
+    return report
+
+
+def start_worker(cfg: Config, env: Environment, image: str) -> str:
+    """(Re)start one worker, deploy the environment's version to it, add it to the load balancers."""
+    if image not in env.workers:
+        raise BootedError(f"{image} is not a worker of environment {env.name} (workers: {', '.join(env.workers)})")
+    ensure_nginx(cfg)
+    prov = provider_of(cfg, env)
+    machine = prov.get(image)
+    if machine is not None and machine.running:
+        prov.stop(image)
+        Inventory().remove(image)
+    started = start_images(cfg, env, [image])
+    wait_called_home(cfg, env, started)
+    probe(cfg, env, [image])
+    raise_if_failed("deploy", converge_service(cfg, env, [image]))
+    if loadbalancer.loadbalancers(cfg, env):
+        loadbalancer.update(cfg, env, service_of(env).port)
+    return f"{image} serving {env.version}"
+
+
+def stop_image(cfg: Config, env: Environment, image: str) -> None:
+    """Take one image out of the load balancers, then stop it and forget it."""
+    svc = service_of(env)
+    if image in env.workers and loadbalancer.loadbalancers(cfg, env):
+        workers = [w for w in loadbalancer.healthy_workers(cfg, env) if w.image != image]
+        loadbalancer.update(cfg, env, svc.port, workers=workers)
+    prov = provider_of(cfg, env)
+    machine = prov.get(image)
+    if machine is not None and machine.running:
+        prov.stop(image)
+    Inventory().remove(image)
+
+
+def pick_min(env: Environment, randomly: bool, rng: random.Random | None = None) -> list[str]:
+    """One load balancer and ``min_workers`` workers, in order or at random (an image may be both)."""
+    rng = rng or random.Random()
+    lbs = list(env.loadbalancers)
+    workers = list(env.workers)
+    lb = rng.choice(lbs) if randomly else lbs[0]
+    chosen_workers = rng.sample(workers, env.min_workers) if randomly else workers[: env.min_workers]
+    images = [lb] + [w for w in chosen_workers if w != lb]
+    return [i for i in env.images if i in images]

@@ -1,0 +1,73 @@
+"""The decisions inside the environment flows, as pure functions (planning apart from doing).
+
+``fabfile.flows.environment`` gathers facts (provider machines, inventory entries, versions the
+workers answer), asks these functions what to do, and does it. Tests drive them with tables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from fabfile.hosts.inventory import HostEntry
+from fabfile.providers.base import Machine
+
+# How the environment's service reaches the workers that don't serve its version yet.
+NOTHING = "nothing"      # every worker already serves it
+ROLLING = "rolling"      # a load balancer is serving users: one worker at a time behind it
+PARALLEL = "parallel"    # nobody is being served: all at once
+
+
+@dataclass
+class StartPlan:
+    build: list[str] = field(default_factory=list)    # images that don't exist yet: build, then start
+    start: list[str] = field(default_factory=list)    # built, not running: start
+    running: list[str] = field(default_factory=list)  # already running: leave alone
+
+    def action(self, image: str) -> str:
+        if image in self.running:
+            return "running"
+        return "build" if image in self.build else "start"
+
+
+def plan_start(images: list[str], known: Mapping[str, Machine]) -> StartPlan:
+    """What starting ``images`` means, given the provider's machines by name."""
+    plan = StartPlan()
+    for image in images:
+        machine = known.get(image)
+        if machine is None:
+            plan.build.append(image)
+        elif machine.running:
+            plan.running.append(image)
+        else:
+            plan.start.append(image)
+    return plan
+
+
+def plan_stop(images: list[str], known: Mapping[str, Machine]) -> dict[str, str]:
+    """{image: "not built" | "already stopped" | "stop"} for stopping ``images``."""
+    plan = {}
+    for image in images:
+        machine = known.get(image)
+        plan[image] = "not built" if machine is None else ("stop" if machine.running else "already stopped")
+    return plan
+
+
+def not_called_home(started: Mapping[str, float | None], entries: Mapping[str, HostEntry],
+                    slack_s: float = 1.0) -> list[str]:
+    """The images still to hear from: ``started`` maps an image to when this run booted it
+    (``None``: it was already running, any record of it will do). A host booted by this run
+    counts only once it called home after its start (``slack_s`` for clock rounding)."""
+    return [image for image, at in started.items()
+            if image not in entries or (at is not None and entries[image].last_seen < at - slack_s)]
+
+
+def stale_workers(serving: Mapping[str, str | None], version: str) -> list[str]:
+    """Workers (by image) whose ``/version`` answer is not ``version`` (``None``: no answer)."""
+    return [image for image, current in serving.items() if current != version]
+
+
+def converge_mode(stale: list[str], loadbalancer_live: bool) -> str:
+    if not stale:
+        return NOTHING
+    return ROLLING if loadbalancer_live else PARALLEL
+

@@ -1,0 +1,1 @@
+"""fabfile.providers.local."""

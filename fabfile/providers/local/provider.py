@@ -1,0 +1,474 @@
+"""The ``local`` provider: real Debian hosts as systemd-nspawn containers on this machine.
+
+* One base image (debootstrap of Debian with systemd, sshd, python3, curl, nginx), built once and
+  cached read-only; ``image-build`` refreshes it when booted's recipe for it changes.
+* Each host (an "image" in booted's words) is a writable overlay over the base image, its own
+  network namespace with its own IPv4 address on booted's bridge, and its hostname.
+* ``start`` runs ``systemd-nspawn --boot`` in the background and returns once SSH answers;
+  ``stop`` sends nspawn SIGTERM (an orderly poweroff inside) and waits with a timeout.
+
+This machine's PID 1 is not systemd, hence ``--keep-unit --register=no``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fabfile.hosts import callhome
+from fabfile.core import localcmd
+from fabfile.providers.local import network as localnet
+from fabfile.core import names
+from fabfile.core.errors import ProviderError, WaitTimeout
+from fabfile.core.output import progress, wait_until
+from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
+from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
+from fabfile.core import ssh
+
+PACKAGES = [
+    "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "curl", "iproute2", "sudo",
+    "nginx-light", "procps",
+]
+# Bump when the recipe below changes: image-build then rebuilds the cached base image.
+RECIPE_VERSION = "3"
+
+# Run once inside the new base image (chroot). Fixed text; no data is interpolated.
+BASE_CUSTOMIZE = r"""
+set -eu
+rm -f /etc/ssh/ssh_host_*
+: > /etc/machine-id
+rm -f /var/lib/dbus/machine-id
+# nginx only runs on load balancer hosts, which booted configures and enables itself.
+rm -f /etc/systemd/system/multi-user.target.wants/nginx.service
+rm -rf /var/cache/apt/archives/*.deb /var/lib/apt/lists/*
+mkdir -p /etc/systemd/system/ssh.service.d /etc/booted
+# Each host makes its own SSH host keys on first boot (clones must not share them).
+cat > /etc/systemd/system/ssh.service.d/booted-keygen.conf <<'EOF'
+[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+EOF
+cat > /etc/ssh/sshd_config.d/booted.conf <<'EOF'
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UseDNS no
+PrintMotd no
+MaxStartups 100:30:200
+EOF
+"""
+
+# Run inside a host's overlay before its first boot. Arguments: $1 user, $2 public key, $3 hostname.
+HOST_PROVISION = r"""
+set -eu
+user="$1"; pubkey="$2"; hostname="$3"
+echo "$hostname" > /etc/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$hostname" > /etc/hosts
+if ! id -u "$user" >/dev/null 2>&1; then useradd -m -s /bin/bash -U "$user"; fi
+home=$(getent passwd "$user" | cut -d: -f6)
+install -d -m 700 -o "$user" -g "$user" "$home/.ssh"
+printf '%s\n' "$pubkey" > "$home/.ssh/authorized_keys"
+chown "$user:$user" "$home/.ssh/authorized_keys"; chmod 600 "$home/.ssh/authorized_keys"
+printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$user" > /etc/sudoers.d/booted
+chmod 440 /etc/sudoers.d/booted
+install -d -m 700 /root/.ssh
+printf '%s\n' "$pubkey" > /root/.ssh/authorized_keys
+chmod 600 /root/.ssh/authorized_keys
+systemctl enable booted-callhome.service >/dev/null 2>&1 || true
+"""
+
+# Files that make a host itself; a clone gets fresh ones.
+IDENTITY_FILES = [
+    "etc/ssh/ssh_host_rsa_key", "etc/ssh/ssh_host_rsa_key.pub", "etc/ssh/ssh_host_ecdsa_key",
+    "etc/ssh/ssh_host_ecdsa_key.pub", "etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_ed25519_key.pub",
+    "etc/hostname", "etc/hosts", "etc/booted/callhome.conf", "etc/machine-id", "var/lib/dbus/machine-id",
+]
+
+
+@dataclass
+class LocalHost:
+    """A local host's record (host.json in its folder)."""
+
+    name: str
+    address: str
+    mac: str
+    uuid: str
+    env: str | None
+    created: float
+
+    @property
+    def folder(self) -> Path:
+        return host_folder(self.name)
+
+    @property
+    def upper(self) -> Path:
+        return self.folder / "upper"
+
+    @property
+    def link(self) -> localnet.HostLink:
+        return localnet.HostLink.for_image(self.name)
+
+
+def host_folder(name: str) -> Path:
+    return state_path("local", "hosts", name, ".keep").parent
+
+
+def image_cache_dir() -> Path:
+    """Where the base image lives: ``BOOTED_IMAGE_CACHE`` (shared by test runs) or the state dir."""
+    override = os.environ.get("BOOTED_IMAGE_CACHE")
+    path = Path(override) if override else state_path("local", "image", ".keep").parent
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def apt_mirror(suite: str) -> str | None:
+    """The Debian mirror apt on this machine already uses, if it serves ``suite``; else debootstrap's default."""
+    candidates = []
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        block: dict[str, str] = {}
+        for line in sources.read_text().splitlines() + [""]:
+            if not line.strip():
+                if suite in block.get("Suites", "").split() and "deb" in block.get("Types", "").split():
+                    candidates += block.get("URIs", "").split()
+                block = {}
+            elif not line.startswith("#") and ":" in line:
+                key, _, value = line.partition(":")
+                block[key.strip()] = value.strip()
+    listfile = Path("/etc/apt/sources.list")
+    if listfile.exists():
+        for line in listfile.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and parts[2] == suite:
+                candidates.append(parts[1] if not parts[1].startswith("[") else parts[2])
+    for uri in candidates:
+        if uri.startswith(("http://", "https://")):
+            return uri
+    return None
+
+
+class LocalProvider(Provider):
+    name = "local"
+
+    # ------------------------------------------------------------------ base image
+    @property
+    def suite(self) -> str:
+        return self.settings["suite"]
+
+    def image_root(self) -> Path:
+        return image_cache_dir() / self.suite / "rootfs"
+
+    def image_marker(self) -> str:
+        return json.dumps({"recipe": RECIPE_VERSION, "packages": PACKAGES, "suite": self.suite}, sort_keys=True)
+
+    def image_current(self) -> bool:
+        marker = self.image_root() / "etc" / "booted-image.json"
+        return marker.exists() and marker.read_text() == self.image_marker()
+
+    def ensure_image(self, refresh: bool = False) -> Path:
+        """Build the base image with debootstrap unless a current one is cached."""
+        root = self.image_root()
+        with locked("local-image"):
+            if self.image_current() and not refresh:
+                return root
+            if any(h.running for h in self.list()) and root.exists():
+                raise ProviderError("the base image needs a rebuild but local hosts are running on it; stop them first")
+            for tool in ("debootstrap", "systemd-nspawn"):
+                if localcmd.which(tool) is None:
+                    raise ProviderError(f"{tool} is missing: apt-get install debootstrap systemd-container")
+            build = root.parent / f".build-{os.getpid()}"
+            shutil.rmtree(build, ignore_errors=True)
+            build.parent.mkdir(parents=True, exist_ok=True)
+            argv = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", self.suite, str(build)]
+            mirror = apt_mirror(self.suite)
+            if mirror:
+                argv.append(mirror)
+            progress(f"local: building the base image ({self.suite}) with debootstrap; this takes about a minute")
+            try:
+                self._run_with_progress(argv, timeout=1200, what="debootstrap")
+                localcmd.run(["chroot", str(build), "/bin/sh", "-c", BASE_CUSTOMIZE], timeout=120)
+                atomic_write(build / "etc" / "booted-image.json", self.image_marker())
+            except BaseException:
+                shutil.rmtree(build, ignore_errors=True)
+                raise
+            old = root.parent / f".old-{os.getpid()}"
+            if root.exists():
+                root.rename(old)
+            build.rename(root)
+            shutil.rmtree(old, ignore_errors=True)
+            progress(f"local: base image ready at {root}")
+            return root
+
+    @staticmethod
+    def _run_with_progress(argv: list[str], timeout: float, what: str) -> None:
+        """Run a long command, printing its latest line every 10 s, killing it at ``timeout``."""
+        log = state_path("local", f"{what}.log")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            start = time.monotonic()
+            next_report = start + 10
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - start > timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise WaitTimeout(f"{what} did not finish within {timeout:g}s (log: {log})")
+                if now >= next_report:
+                    lines = log.read_text(errors="replace").strip().splitlines()
+                    progress(f"... {what} ({now - start:.0f}s): {lines[-1][:100] if lines else 'starting'}")
+                    next_report = now + 10
+                time.sleep(0.5)
+        if proc.returncode != 0:
+            lines = log.read_text(errors="replace").strip().splitlines()
+            raise ProviderError(f"{what} failed (exit {proc.returncode}): {lines[-1] if lines else ''} (log: {log})")
+
+    # ------------------------------------------------------------------ host records
+    @property
+    def subnet(self) -> localnet.Subnet:
+        return localnet.Subnet.parse(self.settings["subnet"])
+
+    def booted_address(self) -> str:
+        return self.subnet.gateway
+
+    @property
+    def bridge(self) -> str:
+        return self.settings["bridge"]
+
+    def _hosts(self) -> list[LocalHost]:
+        root = state_path("local", "hosts", ".keep").parent
+        hosts = []
+        for folder in sorted(root.iterdir()) if root.exists() else []:
+            data = read_json(folder / "host.json")
+            if data:
+                hosts.append(LocalHost(**data))
+        return hosts
+
+    def _host(self, image: str) -> LocalHost:
+        names.check("image", image)
+        data = read_json(host_folder(image) / "host.json")
+        if not data:
+            raise ProviderError("no such local image (build it with `fab image-build --image NAME`)", image=image)
+        return LocalHost(**data)
+
+    def _new_host(self, image: str, env_name: str | None) -> LocalHost:
+        """Allocate an address and a MAC for a new host and write its record."""
+        with locked("local-hosts"):
+            used = {h.address for h in self._hosts()}
+            free = [a for a in self.subnet.host_addresses() if a not in used]
+            if not free:
+                raise ProviderError(f"no free address left in {self.subnet.network}", image=image)
+            mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+            host = LocalHost(image, free[0], mac, str(uuid.uuid4()), env_name, time.time())
+            host.upper.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(host.folder / "host.json", asdict(host))
+            return host
+
+    # ------------------------------------------------------------------ provider interface
+    def build(self, image: str, env) -> Machine:
+        names.check("image", image)
+        self.ensure_image(refresh=False)
+        existing = read_json(host_folder(image) / "host.json")
+        if existing:
+            host = LocalHost(**existing)
+            if self._pid(host):
+                raise ProviderError("is running; stop it before rebuilding", image=image)
+        else:
+            host = self._new_host(image, env.name if env else None)
+        try:
+            self._provision(host, env)
+        except BaseException:
+            if not existing:
+                shutil.rmtree(host.folder, ignore_errors=True)
+            raise
+        return self._machine(host)
+
+    def _provision(self, host: LocalHost, env) -> None:
+        """Write the host's own files into its overlay: call-home config, first-boot unit, user, key."""
+        upper = host.upper
+        files = dict(callhome.firstboot_files())
+        if env is not None:
+            callhome.new_host_key(env.name, host.name)  # a rebuilt host must not keep its old key
+            files[callhome.CONF_PATH] = (callhome.host_config(env.name, host.name, self.callhome_url()), 0o600)
+        for path, (content, mode) in files.items():
+            atomic_write(upper / path.lstrip("/"), content, mode=mode)
+        pubkey = Path(ssh.keypair(self.config)[1]).read_text().strip()
+        self._run_in_host(host, ["/bin/sh", "-c", HOST_PROVISION, "provision", ssh.user(self.config), pubkey,
+                                 names.hostname_for(host.name)])
+
+    def _run_in_host(self, host: LocalHost, argv: list[str]) -> None:
+        """Run a command in the host's file system (not booted), through its overlay."""
+        root = self.image_root()
+        localcmd.run(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--private-network", "-D", str(root),
+             f"--overlay={root}:{host.upper}:/", "--", *argv],
+            timeout=120,
+        )
+
+    def clone(self, source: str, new: str, env) -> Machine:
+        src = self._host(source)
+        names.check("image", new)
+        if self._pid(src):
+            raise ProviderError("is running; stop it before cloning", image=source)
+        if read_json(host_folder(new) / "host.json"):
+            raise ProviderError("already exists", image=new)
+        host = self._new_host(new, env.name if env else src.env)
+        try:
+            shutil.rmtree(host.upper)
+            localcmd.run(["cp", "-a", "--", str(src.upper), str(host.upper)])
+            for rel in IDENTITY_FILES:
+                (host.upper / rel).unlink(missing_ok=True)
+            self._provision(host, env)
+        except BaseException:
+            shutil.rmtree(host.folder, ignore_errors=True)
+            raise
+        return self._machine(host)
+
+    def start(self, image: str) -> Machine:
+        host = self._host(image)
+        if not self.image_current() and not self.image_root().exists():
+            raise ProviderError("the base image is missing; run `fab image-build --image NAME` first", image=image)
+        if self._pid(host):
+            return self._machine(host)
+        ensure_inotify_limits()
+        localnet.ensure_bridge(self.bridge, self.subnet)
+        localnet.host_up(host.link, self.bridge, self.subnet, host.address, host.mac)
+        root = self.image_root()
+        argv = [
+            "systemd-nspawn", "--boot", "--quiet", "--keep-unit", "--register=no",
+            "-D", str(root), f"--overlay={root}:{host.upper}:/",
+            f"--machine={names.hostname_for(image)}", f"--hostname={names.hostname_for(image)}",
+            f"--uuid={host.uuid}", f"--network-namespace-path=/run/netns/{host.link.netns}",
+            "--link-journal=no", "--resolv-conf=off", "--timezone=off", "--console=read-only",
+        ]
+        console = open(host.folder / "console.log", "wb")
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        finally:
+            console.close()
+        atomic_write(host.folder / "nspawn.pid", f"{proc.pid}\n")
+        timeout = float(self.settings["boot_timeout_s"])
+
+        def ssh_ready() -> bool:
+            if proc.poll() is not None:
+                raise ProviderError(f"systemd-nspawn exited ({proc.returncode}): {_last_error(host.folder / 'console.log')}"
+                                    f"; see {host.folder / 'console.log'}", image=image)
+            try:
+                with socket.create_connection((host.address, 22), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        try:
+            wait_until(ssh_ready, timeout=timeout, what=f"{image} to answer on SSH ({host.address})", interval=0.1,
+                       hint=f"see {host.folder / 'console.log'}")
+        except BaseException:
+            self._terminate(host, proc.pid, force=True)
+            raise
+        return self._machine(host)
+
+    def stop(self, image: str, force: bool = False) -> Machine:
+        host = self._host(image)
+        pid = self._pid(host)
+        if pid:
+            self._terminate(host, pid, force=force)
+        localnet.host_down(host.link)
+        return self._machine(host)
+
+    def _terminate(self, host: LocalHost, pid: int, force: bool) -> None:
+        if not force:
+            # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: an orderly poweroff.
+            self._signal(pid, signal.SIGTERM)
+            try:
+                wait_until(lambda: not localcmd.process_alive(pid), timeout=float(self.settings["stop_timeout_s"]),
+                           what=f"{host.name} to shut down", interval=0.05)
+            except WaitTimeout:
+                progress(f"{host.name}: no clean shutdown within {self.settings['stop_timeout_s']}s; killing it")
+                force = True
+        if force:
+            self._signal(pid, signal.SIGKILL)
+            wait_until(lambda: not localcmd.process_alive(pid), timeout=10, what=f"{host.name} to be killed", interval=0.05)
+        (host.folder / "nspawn.pid").unlink(missing_ok=True)
+        localnet.host_down(host.link)
+
+    @staticmethod
+    def _signal(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def delete(self, image: str) -> None:
+        host = self._host(image)
+        if self._pid(host):
+            raise ProviderError("is running; stop it first", image=image)
+        localnet.host_down(host.link)
+        shutil.rmtree(host.folder)
+        ssh.forget(host.address)
+
+    def list(self) -> list[Machine]:
+        return [self._machine(h) for h in self._hosts()]
+
+    # ------------------------------------------------------------------ helpers
+    def _machine(self, host: LocalHost) -> Machine:
+        running = self._pid(host) is not None
+        return Machine(
+            name=host.name, provider=self.name, state=RUNNING if running else STOPPED,
+            macs=[host.mac], addresses=[host.address],
+            detail={"env": host.env, "folder": str(host.folder), "netns": host.link.netns},
+        )
+
+    def _pid(self, host: LocalHost) -> int | None:
+        """The host's nspawn process id if it is alive (not a zombie) and really its nspawn."""
+        try:
+            pid = int((host.folder / "nspawn.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if not localcmd.process_alive(pid, b"systemd-nspawn"):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if f"--uuid={host.uuid}".encode() not in cmdline:  # not a reused pid
+            return None
+        return pid
+
+
+# Each container's systemd takes several inotify instances; the kernel's default of 128 per user
+# runs out at a few dozen hosts ("Failed to allocate manager object: Too many open files").
+INOTIFY_MINIMUMS = {"max_user_instances": 2048, "max_user_watches": 524288}
+
+
+def ensure_inotify_limits() -> None:
+    for name, minimum in INOTIFY_MINIMUMS.items():
+        path = Path("/proc/sys/fs/inotify") / name
+        try:
+            if int(path.read_text()) < minimum:
+                path.write_text(f"{minimum}\n")
+                progress(f"local: raised fs.inotify.{name} to {minimum} so many hosts can boot")
+        except (OSError, ValueError):
+            pass  # not root or no procfs: nspawn will say so if it matters
+
+
+def _last_error(console: Path) -> str:
+    """The last line of a console log that looks like an error, without terminal colours."""
+    import re
+
+    try:
+        lines = console.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no console output"
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in lines]
+    errors = [line for line in plain if line and ("Fail" in line or "rror" in line) and "symlink" not in line]
+    return (errors or [line for line in plain if line] or ["no console output"])[-1][:160]
+PROVIDER = LocalProvider

@@ -1,0 +1,299 @@
+"""Releases of a service on hosts: pack and test once, ship to each host, switch, restart, check.
+
+Layout on a host (Capistrano's)::
+
+    /opt/booted/<service>/releases/<version>/   unpacked release (+ VERSION, .booted-commit)
+    /opt/booted/<service>/current -> releases/<version>   switched atomically (rename)
+    /opt/booted/<service>/shared/                 survives releases (e.g. delay_ms)
+    /opt/booted/<service>/history                 one version per line, in switch order
+    /etc/systemd/system/booted-<service>.service
+
+Each host costs one SSH connection and one command: the tarball streams into the command's stdin.
+The scripts are fixed text; every value reaches them as a quoted positional argument.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fabfile.core import names
+from fabfile.services import repo as servicerepo
+from fabfile.services import manifest as services
+from fabfile.core import ssh
+from fabfile.core.http import http_request
+from fabfile.core.errors import BootedError, ConfigError, HostError
+from fabfile.core.output import progress
+from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
+
+REMOTE_ROOT = "/opt/booted"
+
+# Sourced first by the scripts that change a service's releases: one at a time per service and host
+# (another controller, the monitor, a second terminal), waiting up to 120 s. $1 is the service.
+_REMOTE_LOCK = r"""
+set -eu
+root="/opt/booted/$1"
+mkdir -p "$root/releases" "$root/shared"
+exec 9>"$root/.deploy.lock"
+flock -w 120 9 || { echo "another deploy or rollback of $1 on this host did not finish within 120s" >&2; exit 4; }
+"""
+
+# $1 service, $2 version, $3 commit, $4 unit text, $5 releases to keep. stdin: the release .tar.gz
+DEPLOY_SCRIPT = _REMOTE_LOCK + r"""
+svc="$1"; version="$2"; commit="$3"; unit="$4"; keep="$5"
+rel="$root/releases/$version"
+# under the lock nothing else is unpacking: any .incoming.* is what an interrupted deploy left
+rm -rf "$root/releases"/.incoming.*
+if [ "$(cat "$rel/.booted-commit" 2>/dev/null || true)" = "$commit" ]; then
+  cat >/dev/null
+else
+  tmp=$(mktemp -d "$root/releases/.incoming.XXXXXX")
+  tar -xzf - -C "$tmp"
+  printf '%s\n' "$version" > "$tmp/VERSION"
+  printf '%s\n' "$commit" > "$tmp/.booted-commit"
+  chmod 755 "$tmp"
+  rm -rf "$rel"
+  mv "$tmp" "$rel"
+fi
+ln -sfn "releases/$version" "$root/.current.$$"
+mv -T "$root/.current.$$" "$root/current"
+printf '%s\n' "$version" >> "$root/history"
+unitfile="/etc/systemd/system/booted-$svc.service"
+if [ "$(cat "$unitfile" 2>/dev/null || true)" != "$unit" ]; then
+  printf '%s\n' "$unit" > "$unitfile.$$.new"
+  mv "$unitfile.$$.new" "$unitfile"
+  systemctl daemon-reload
+fi
+systemctl enable --quiet --no-reload "booted-$svc.service" 2>/dev/null || true
+systemctl restart "booted-$svc.service"
+# keep the newest $keep releases (never the current one)
+cd "$root/releases"
+ls -1t | tail -n +"$((keep + 1))" | while read -r old; do
+  [ "$old" = "$version" ] || rm -rf -- "$old"
+done
+echo "deployed $version"
+"""
+
+# $1 service. Switch current to the release before it in history, restart.
+ROLLBACK_SCRIPT = _REMOTE_LOCK + r"""
+svc="$1"
+cur=$(readlink "$root/current" 2>/dev/null || true); cur="${cur#releases/}"
+[ -n "$cur" ] || { echo "nothing deployed" >&2; exit 3; }
+prev=""
+for v in $(tac "$root/history"); do
+  if [ "$v" != "$cur" ] && [ -d "$root/releases/$v" ]; then prev="$v"; break; fi
+done
+[ -n "$prev" ] || { echo "no earlier release kept on this host" >&2; exit 3; }
+ln -sfn "releases/$prev" "$root/.current.$$"
+mv -T "$root/.current.$$" "$root/current"
+printf '%s\n' "$prev" >> "$root/history"
+systemctl restart "booted-$svc.service"
+echo "$prev"
+"""
+
+# $1 service, $2 action (start|stop)
+CONTROL_SCRIPT = r"""
+set -eu
+svc="$1"; unit="booted-$svc.service"
+[ -e "/etc/systemd/system/$unit" ] || { echo "$svc is not deployed on this host" >&2; exit 3; }
+case "$2" in
+  start) systemctl enable --quiet "$unit" 2>/dev/null || true; systemctl restart "$unit" ;;
+  stop) systemctl stop "$unit" ;;
+esac
+readlink "/opt/booted/$svc/current" | sed 's#^releases/##'
+"""
+
+
+@dataclass(frozen=True)
+class Release:
+    """A packed, tested version of a service, ready to ship."""
+
+    service: str
+    version: str
+    commit: str
+    tarball: Path
+
+    @property
+    def data(self) -> bytes:
+        return self.tarball.read_bytes()
+
+
+def unit_text(service: services.Service) -> str:
+    """The systemd unit for a service (the same on every host; it changes only with the manifest)."""
+    root = f"{REMOTE_ROOT}/{service.name}"
+    argv = " ".join(_systemd_quote(a, command=True) for a in service.run_argv)
+    env_lines = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n" for k, v in sorted(service.env.items()))
+    return (
+        "[Unit]\n"
+        f"Description=booted service {service.name}\n"
+        "After=network.target\n"
+        # deploys restart it on purpose, possibly several times a minute: no start rate limit
+        "StartLimitIntervalSec=0\n\n"
+        "[Service]\n"
+        "Type=simple\n"
+        "DynamicUser=yes\n"
+        f"WorkingDirectory={root}/current\n"
+        f"Environment={service.name.upper()}_SHARED_DIR={root}/shared\n"
+        f"Environment={service.name.upper()}_PORT={service.port}\n"
+        f"{env_lines}"
+        f"ExecStart={argv}\n"
+        "Restart=on-failure\n"
+        "RestartSec=1\n"
+        "TimeoutStopSec=15\n\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target"
+    )
+
+
+def _systemd_quote(word: str, *, command: bool = False) -> str:
+    """``word`` as one double-quoted systemd value (systemd.syntax(7) quoting, systemd.unit(5)
+    specifiers): backslash and quote escaped, ``%`` doubled; in a command line (systemd.service(5)
+    ``ExecStart=``) ``$`` doubled too, so no variable is substituted. A control character (a newline
+    would start a new unit line) is refused: the manifest check stops it before this."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in word):
+        raise BootedError(f"refusing a control character in a systemd unit value: {word[:40]!r}")
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if command:
+        escaped = escaped.replace("$", "$$")
+    return f'"{escaped}"'
+
+
+def prepare(service: services.Service, version: str) -> Release:
+    """Pack ``version`` from the service's repo and run its tests on the packed tree (once per commit)."""
+    names.check("version", version)
+    folder = state_path("releases", service.name, ".keep").parent
+    with locked(f"release-{service.name}"):
+        if services.uses_default_repo(service):
+            servicerepo.ensure_local_repo(service)
+        commit = servicerepo.resolve(service, version)
+        tarball = folder / f"{commit}.tar.gz"
+        if not tarball.exists():
+            servicerepo.pack(service, version, tarball)
+        gate = folder / f"{commit}.tested"
+        if not gate.exists():
+            progress(f"{service.name} {version}: running its tests on the packed release")
+            with tempfile.TemporaryDirectory(prefix="booted-gate-") as tmp:
+                ok, output = servicerepo.run_tests(service, servicerepo.unpack(tarball, tmp))
+            if not ok:
+                last = [line for line in output.strip().splitlines() if line.strip()][-3:]
+                raise BootedError(
+                    f"{service.name} {version} failed its tests; nothing was uploaded: " + " | ".join(last)
+                )
+            atomic_write(gate, f"{version}\n")
+        return Release(service.name, version, commit, tarball)
+
+
+def deploy_to(conn, service: services.Service, release: Release, keep: int, timeout: float) -> str:
+    """Ship and activate ``release`` on one host; return once the service answers with the version.
+
+    One deploy per host at a time from this machine (a lock per host; the host's own lock in the
+    script covers other machines)."""
+    with locked(f"deploy-{service.name}-{conn.host}", timeout=timeout + 60):
+        return _deploy_to(conn, service, release, keep, timeout)
+
+
+def _deploy_to(conn, service: services.Service, release: Release, keep: int, timeout: float) -> str:
+    ssh.run_with_input(
+        conn, ["sh", "-c", DEPLOY_SCRIPT, "deploy", service.name, release.version, release.commit,
+               unit_text(service), str(keep)],
+        release.data, sudo=True, timeout=timeout,
+    )
+    wait_for_version(conn.host, service, release.version, timeout=timeout)
+    return f"{release.version} ({release.commit[:8]})"
+
+
+def rollback_on(conn, service: services.Service, timeout: float) -> str:
+    result = ssh.run(conn, ["sh", "-c", ROLLBACK_SCRIPT, "rollback", service.name], sudo=True, timeout=timeout)
+    version = result.stdout.strip().splitlines()[-1]
+    wait_for_version(conn.host, service, version, timeout=timeout)
+    record(conn.host, service.name, version, None)
+    return f"rolled back to {version}"
+
+
+def control(conn, service: services.Service, action: str, timeout: float) -> str:
+    result = ssh.run(conn, ["sh", "-c", CONTROL_SCRIPT, "control", service.name, action], sudo=True, timeout=timeout)
+    version = result.stdout.strip()
+    if action == "start":
+        wait_for_version(conn.host, service, version, timeout=timeout)
+        return f"running {version}"
+    return f"stopped ({version})"
+
+
+# ---------------------------------------------------------------------------- HTTP checks
+def wait_for_version(address: str, service: services.Service, version: str, timeout: float) -> None:
+    """Poll ``/version`` until it names ``version`` (the restart is done and the service is up)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status, body = http_request(address, service.port, "GET", "/version", timeout=2)
+            if status == 200 and body.strip() == version:
+                return
+            last = f"/version answered {status} {body.strip()[:40]!r}"
+        except OSError as err:
+            last = f"port {service.port}: {err.strerror or err}"
+        time.sleep(0.05)
+    raise HostError(address, f"{service.name} did not come up as {version} within {timeout:g}s ({last})")
+
+
+def check_service(address: str, service: services.Service, expected_version: str | None) -> str:
+    """hello-test's checks: GET /, a POSTed name, /version. Returns a summary or raises HostError."""
+    try:
+        status, body = http_request(address, service.port, "GET", "/")
+        if status != 200 or body.strip() != "Hello World!":
+            raise HostError(address, f"GET / answered {status} {body.strip()[:60]!r}")
+        status, body = http_request(address, service.port, "POST", "/booted",
+                                    body=b"", headers={"Content-Length": "0"})
+        if status != 200 or body.strip() != "Hello booted World!":
+            raise HostError(address, f"POST /booted answered {status} {body.strip()[:60]!r}")
+        status, body = http_request(address, service.port, "POST", "/", body=b"name=Ada",
+                                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+        if status != 200 or body.strip() != "Hello Ada World!":
+            raise HostError(address, f"POST / name=Ada answered {status} {body.strip()[:60]!r}")
+        status, body = http_request(address, service.port, "GET", "/version")
+    except OSError as err:
+        raise HostError(address, f"port {service.port}: {err.strerror or err}") from None
+    version = body.strip()
+    if expected_version and version != expected_version:
+        raise HostError(address, f"/version is {version!r}, expected {expected_version!r}")
+    return f"GET / ok, POST ok, version {version}"
+
+
+# ---------------------------------------------------------------------------- what is deployed where
+def _deployments_path() -> Path:
+    return state_path("deployments.json")
+
+
+def record(address: str, service: str, version: str, commit: str | None) -> None:
+    record_many([(address, service, version, commit)])
+
+
+def record_many(entries: list[tuple[str, str, str, str | None]]) -> None:
+    """Remember what runs where: (address, service, version, commit); one write for a whole deploy."""
+    if not entries:
+        return
+    with locked("deployments"):
+        data = _read_deployments()
+        for address, service, version, commit in entries:
+            data.setdefault(address, {})[service] = {"version": version, "commit": commit, "at": time.time()}
+        atomic_write_json(_deployments_path(), data)
+
+
+def _read_deployments() -> dict:
+    """deployments.json, checked: address -> service -> {version, commit, at}; one-line error if not."""
+    path = _deployments_path()
+    data = read_json(path, {}) or {}
+    ok = isinstance(data, dict) and all(
+        isinstance(services_, dict) and all(
+            isinstance(entry, dict) and isinstance(entry.get("version"), str) for entry in services_.values())
+        for services_ in data.values())
+    if not ok:
+        raise ConfigError(str(path), "is not booted's deployments record (address -> service -> version); "
+                                     "remove it and deploy again")
+    return data
+
+
+def deployed_version(address: str, service: str) -> str | None:
+    entry = _read_deployments().get(address, {}).get(service)
+    return entry["version"] if entry else None

@@ -1,0 +1,60 @@
+"""The environment flows' decisions as tables: facts in, what to do out (no root, no hosts)."""
+from __future__ import annotations
+
+import pytest
+
+from fabfile.flows import plans
+from fabfile.hosts.inventory import HostEntry
+from fabfile.providers.base import RUNNING, STOPPED, Machine
+
+
+def machines(**states: str) -> dict[str, Machine]:
+    return {name: Machine(name, "fake", state) for name, state in states.items()}
+
+
+def entry(image: str, last_seen: float) -> HostEntry:
+    return HostEntry(image, image, "10.9.0.2", "02:00:00:00:00:01", "e", ["workers"], last_seen, last_seen)
+
+
+@pytest.mark.parametrize("images, known, build, start, running", [
+    (["lb", "w1"], {}, ["lb", "w1"], [], []),
+    (["lb", "w1"], {"lb": RUNNING, "w1": STOPPED}, [], ["w1"], ["lb"]),
+    (["w1", "w2"], {"w1": "aborted", "w2": RUNNING}, [], ["w1"], ["w2"]),  # any non-running state starts
+    (["w2"], {"w1": RUNNING}, ["w2"], [], []),                               # others are not touched
+])
+def test_plan_start(images, known, build, start, running):
+    plan = plans.plan_start(images, machines(**known))
+    assert (plan.build, plan.start, plan.running) == (build, start, running)
+
+
+@pytest.mark.parametrize("known, expected", [
+    ({}, {"w1": "not built"}),
+    ({"w1": STOPPED}, {"w1": "already stopped"}),
+    ({"w1": RUNNING}, {"w1": "stop"}),
+])
+def test_plan_stop(known, expected):
+    assert plans.plan_stop(["w1"], machines(**known)) == expected
+
+
+@pytest.mark.parametrize("started, entries, missing", [
+    ({"w1": 100.0}, {}, ["w1"]),                                  # never called home
+    ({"w1": 100.0}, {"w1": entry("w1", 50.0)}, ["w1"]),           # only a call from before its start
+    ({"w1": 100.0}, {"w1": entry("w1", 99.5)}, []),               # within the clock slack
+    ({"w1": 100.0}, {"w1": entry("w1", 101.0)}, []),
+    ({"w1": None}, {"w1": entry("w1", 1.0)}, []),                 # already running: any record will do
+    ({"w1": None, "w2": 100.0}, {"w1": entry("w1", 1.0)}, ["w2"]),
+])
+def test_not_called_home(started, entries, missing):
+    assert plans.not_called_home(started, entries) == missing
+
+
+@pytest.mark.parametrize("serving, live, stale, mode", [
+    ({"w1": "v2", "w2": "v2"}, True, [], plans.NOTHING),
+    ({"w1": "v1", "w2": "v2"}, True, ["w1"], plans.ROLLING),
+    ({"w1": "v1", "w2": None}, False, ["w1", "w2"], plans.PARALLEL),   # no answer counts as stale
+    ({}, False, [], plans.NOTHING),
+])
+def test_converge(serving, live, stale, mode):
+    got = plans.stale_workers(serving, "v2")
+    assert got == stale
+    assert plans.converge_mode(got, live) == mode
