@@ -458,3 +458,42 @@ def test_concurrent_deploys_to_one_host_all_succeed(tmp_path):
     failed, leftovers, current, first_error = out.stdout.split(" ", 3)
     assert (failed, leftovers) == ("0", "0"), out.stdout
     assert current in ("releases/v1", "releases/v2")
+
+
+# --------------------------------------------------------------------------- 3, 5: VirtualBox
+from tests.vbox_fixtures import vbox_lab, vbox_template  # noqa: E402,F401  (fixtures, used by name)
+
+
+def test_nat_loopback_is_closed_after_the_install_and_on_clones(vbox_lab):
+    """Finding 3: only the installer may reach this machine's 127.0.0.1 through NAT (for its kickstart)."""
+    built = vbox_lab.fab("image-build", "--image", "lab-web2")
+    assert built.returncode == 0, built.stderr
+    assert vbox_lab.vm("lab-web2")["nics"]["1"].get("natlocalhostreachable") == "off"
+    cloned = vbox_lab.fab("image-clone", "--image", "lab-web2", "--name", "lab-web3")
+    assert cloned.returncode == 0, cloned.stderr
+    assert vbox_lab.vm("lab-web3")["nics"]["1"].get("natlocalhostreachable") == "off"
+
+
+def test_sigterm_during_image_build_removes_the_vm_and_the_kickstart(vbox_lab):
+    """Finding 5: a SIGTERM (a CI job cancelled, `kill`) runs the same cleanup as a failed build."""
+    env = {**vbox_lab.env, "VBOX_STANDIN_INSTALL_SECONDS": "120"}
+    proc = subprocess.Popen([sys.executable, "-m", "fabric", "image-build", "--image", "lab-web2"], cwd=ROOT,
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not ((vbox_lab.vm("lab-web2") or {}).get("state") == "running"):
+            time.sleep(0.1)
+        served = list((vbox_lab.state / "kickstart").glob("*.cfg")) + list(
+            (vbox_lab.state / "nginx").glob("**/*.cfg"))
+        assert (vbox_lab.vm("lab-web2") or {}).get("state") == "running" and served
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert vbox_lab.vm("lab-web2") is None
+    assert not (vbox_lab.state / "tftp" / "lab-web2").exists()
+    assert [p for p in vbox_lab.state.rglob("*.cfg") if "kickstart" in str(p) or "ks" in p.parts] == []

@@ -101,10 +101,12 @@ def storage_argvs(target: str, disk: str, disk_mb: int, iso: str) -> list[list[s
     ]
 
 
-def after_install_argvs(target: str) -> list[list[str]]:
-    """Boot from disk from now on (no PXE reinstall loop, §11) and remove the install DVD (§2.3)."""
+def after_install_argvs(target: str, version: tuple[int, ...] = (7, 1)) -> list[list[str]]:
+    """Boot from disk from now on (no PXE reinstall loop, §11), remove the install DVD (§2.3), and
+    close NAT's way to this machine's loopback: only the installer needed it (for the kickstart)."""
     return [
-        ["modifyvm", target, "--boot1", "disk", "--boot2", "none"],
+        ["modifyvm", target, "--boot1", "disk", "--boot2", "none",
+         *(["--nat-localhostreachable1", "off"] if version >= (7, 0) else [])],
         ["storageattach", target, "--storagectl", CONTROLLER, "--port", str(DVD_PORT), "--device", "0",
          "--medium", "none"],
     ]
@@ -115,7 +117,8 @@ def clone_argvs(source: str, new: str, new_uuid: str, basefolder: str, version: 
     return [
         ["clonevm", source, "--snapshot", SNAPSHOT, "--options", "link", "--name", new,
          "--uuid", new_uuid, "--basefolder", basefolder, "--register"],
-        ["modifyvm", new_uuid, _opt("--mac-address", version, 1), "auto", _opt("--mac-address", version, 2), "auto"],
+        ["modifyvm", new_uuid, _opt("--mac-address", version, 1), "auto", _opt("--mac-address", version, 2), "auto",
+         *(["--nat-localhostreachable1", "off"] if version >= (7, 0) else [])],
     ]
 
 
@@ -316,7 +319,7 @@ class VirtualBoxProvider(Provider):
                 what="to finish installing (the kickstart powers it off)", fail=FAILED_STATES,
                 hint=f"see its console or {base / image / 'Logs'}; raise providers.virtualbox.build_timeout_s "
                      "if the install is only slow")
-            for argv in after_install_argvs(vm_uuid):
+            for argv in after_install_argvs(vm_uuid, version):
                 self.vbox.run(*argv, image=image)
         except (BootedError, KeyboardInterrupt) as err:
             if not any(made.values()):
