@@ -484,9 +484,8 @@ def test_sigterm_during_image_build_removes_the_vm_and_the_kickstart(vbox_lab):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not ((vbox_lab.vm("lab-web2") or {}).get("state") == "running"):
             time.sleep(0.1)
-        served = list((vbox_lab.state / "kickstart").glob("*.cfg")) + list(
-            (vbox_lab.state / "nginx").glob("**/*.cfg"))
-        assert (vbox_lab.vm("lab-web2") or {}).get("state") == "running" and served
+        token = (vbox_lab.state / "kickstart" / "lab-web2.token").read_text().strip()
+        assert (vbox_lab.vm("lab-web2") or {}).get("state") == "running"
         proc.terminate()
         out, err = proc.communicate(timeout=60)
     finally:
@@ -496,4 +495,123 @@ def test_sigterm_during_image_build_removes_the_vm_and_the_kickstart(vbox_lab):
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert vbox_lab.vm("lab-web2") is None
     assert not (vbox_lab.state / "tftp" / "lab-web2").exists()
-    assert [p for p in vbox_lab.state.rglob("*.cfg") if "kickstart" in str(p) or "ks" in p.parts] == []
+    assert not (vbox_lab.state / "kickstart" / "lab-web2.token").exists()
+    assert not any(Path(p).exists() for p in (f"/run/booted-ks-{d}/{token}.cfg" for d in ("*",))) and \
+        not [p for p in Path("/run").glob(f"booted-ks-*/{token}.cfg")]
+
+
+# --------------------------------------------------------------------------- 4, 8, 9: booted's nginx
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def endpoint(world, monkeypatch):
+    """booted's own nginx, started by `fab restart-nginx` from the project's template, on a free port."""
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        pytest.skip("nginx is not installed")
+    state, config, _ = world
+    port = _free_port()
+    config.write_text(f"settings: {{nginx: {{port: {port}}}}}\n" + CONFIG)
+    started = fab(state, config, "restart-nginx")
+    try:
+        assert started.returncode == 0, started.stderr
+        yield state, config, port
+    finally:
+        from fabfile.hosts import endpoint as nginxctl
+
+        nginxctl.stop()
+
+
+def _get(port: int, target: bytes, address: str = "127.0.0.1") -> int:
+    with socket.create_connection((address, port), timeout=5) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.0\r\nHost: booted\r\n\r\n")
+        head = sock.recv(64)
+    return int(head.split()[1])
+
+
+def test_nginx_listens_only_where_hosts_reach_it_and_caps_requests(endpoint):
+    """Finding 8: not on 0.0.0.0; an 8 KB request of 0xff bytes, or junk, adds nothing to the booted
+    log; a flood from one address is rate-limited."""
+    from fabfile.hosts.bootlog import control_addresses
+
+    state, config, port = endpoint
+    others = [a for a in control_addresses() if ":" not in a and not a.startswith("127.")]
+    for address in others:
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=2).close()
+    log = state / "nginx" / "booted.log"
+    size = log.stat().st_size if log.exists() else 0
+    assert _get(port, b"/booted/callhome?" + b"\xff" * 8192) != 200
+    assert _get(port, b"/booted/callhome?x=%3Cscript%3E$(id)`;|" + b"\\" * 20) != 200
+    assert _get(port, b"/booted/callhome?" + b"a" * 700) != 200
+    assert (log.stat().st_size if log.exists() else 0) == size
+    codes = [_get(port, b"/booted/callhome?env=prod&name=x") for _ in range(150)]
+    assert codes.count(429) > 0 and codes.count(200) >= 20
+    lines = log.read_text().splitlines()
+    assert len(lines) == codes.count(200)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser (a second user)")
+def test_a_kickstart_is_served_only_at_its_random_build_path(endpoint):
+    """Finding 4: `curl http://127.0.0.1:PORT/ks/<image>.cfg` by any local user gets nothing; the file
+    is not readable by another user; the random path stops working when the build ends."""
+    state, config, port = endpoint
+    from fabfile.providers.virtualbox import media
+
+    cfg = load_config(config)
+    media.kickstart_token("prod-web1", new=True)
+    served = media.write_kickstart(cfg, cfg.env("prod"), "prod-web1")
+    token = media.kickstart_token("prod-web1")
+    try:
+        other = subprocess.run(["runuser", "-u", "nobody", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://127.0.0.1:{port}/ks/prod-web1.cfg"], capture_output=True, text=True, timeout=30)
+        assert other.stdout != "200"
+        assert _get(port, b"/ks/") != 200
+        for path in (served, state / "kickstart" / "prod-web1.token"):
+            read = subprocess.run(["runuser", "-u", "daemon", "--", "cat", str(path)], capture_output=True, timeout=30)
+            assert read.returncode != 0
+        assert _get(port, f"/ks/{token}.cfg".encode()) == 200  # what VirtualBox NAT fetches for the installer
+    finally:
+        media.unstage_install("prod-web1")
+    assert _get(port, f"/ks/{token}.cfg".encode()) == 404
+
+
+def test_restart_nginx_loses_no_call_home(endpoint):
+    """Finding 9: calls arriving while `restart-nginx` rotates the log are all read (every answered
+    call is one line, counted by hosts-logged or by restart-nginx's read of the old log)."""
+    import re
+    import threading
+
+    state, config, port = endpoint
+    answered, stop = [], threading.Event()
+
+    def caller():
+        while not stop.is_set():
+            try:
+                if _get(port, b"/booted/callhome?env=prod&name=loop") == 200:
+                    answered.append(1)
+            except OSError:
+                pass
+            time.sleep(0.03)
+
+    read = 0
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        for _ in range(4):
+            time.sleep(0.4)
+            out = fab(state, config, "restart-nginx")
+            assert out.returncode == 0, out.stderr
+            found = re.search(r"read the last (\d+) lines", out.stdout)
+            read += int(found.group(1)) if found else 0
+    finally:
+        stop.set()
+        thread.join()
+    final = fab(state, config, "hosts-logged")
+    read += int(re.search(r"read (\d+) lines", final.stdout).group(1))
+    assert len(answered) > 20 and read == len(answered), (read, len(answered))
+    rotated = list((state / "nginx").glob("booted.log.*"))
+    assert 1 <= len(rotated) <= 5

@@ -10,6 +10,7 @@ from fabfile.hosts import reach
 from fabfile.core import ssh
 from fabfile.hosts.bootlog import BootedLog, ReadResult
 from fabfile.core.errors import BootedError
+from fabfile.core.output import progress
 from fabfile.hosts.inventory import HostEntry, Inventory, RecordSummary
 from fabfile.providers import CloneRecord, get_provider
 
@@ -36,6 +37,20 @@ def clone_records(cfg, providers: set[str]) -> list[CloneRecord]:
     for name in sorted(providers):
         records += get_provider(name, cfg).clone_records()
     return records
+
+
+def endpoint_addresses(cfg) -> list[str]:
+    """The addresses the configured environments' hosts call home to, made ready on this machine
+    (booted's nginx listens on these and on 127.0.0.1 only)."""
+    addresses = []
+    for name in sorted({env.provider for env in cfg.environments.values()}):
+        provider = get_provider(name, cfg)
+        try:
+            provider.endpoint_ready()
+        except BootedError as err:
+            progress(f"note: {name} hosts cannot reach booted yet: {err}")
+        addresses.append(provider.booted_address())
+    return addresses
 
 
 def log_path(override: str | None = None) -> Path:

@@ -86,6 +86,10 @@ class Provider(abc.ABC):
     def booted_address(self) -> str:
         """The address at which this provider's hosts reach booted's nginx (the call-home endpoint)."""
 
+    def endpoint_ready(self) -> None:
+        """Make ``booted_address()`` exist on this machine, so booted's nginx can listen there
+        (default: nothing; it is the hypervisor's, e.g. a host-only interface)."""
+
     def callhome_url(self) -> str:
         """The call-home URL this provider's hosts are given."""
         return callhome.callhome_url(self.booted_address(), self.config.nginx["port"])

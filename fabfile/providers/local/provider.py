@@ -239,6 +239,9 @@ class LocalProvider(Provider):
     def booted_address(self) -> str:
         return self.subnet.gateway
 
+    def endpoint_ready(self) -> None:
+        localnet.ensure_bridge(self.bridge, self.subnet)  # the gateway address lives on the bridge
+
     @property
     def bridge(self) -> str:
         return self.settings["bridge"]
