@@ -615,3 +615,108 @@ def test_restart_nginx_loses_no_call_home(endpoint):
     assert len(answered) > 20 and read == len(answered), (read, len(answered))
     rotated = list((state / "nginx").glob("booted.log.*"))
     assert 1 <= len(rotated) <= 5
+
+
+# --------------------------------------------------------------------------- 12: re-keyed clones
+def test_a_clone_must_present_its_sources_key_and_is_repinned_from_what_it_sent(world):
+    """Finding 12: the first key of a clone's address is accepted only if it is the source's pinned
+    key, and after re-keying the pins are the keys the host sent, never whatever answers next."""
+    import paramiko
+
+    from fabfile.core import ssh
+    from fabfile.core.errors import HostError
+
+    source_key, clone_new_key, stranger = (paramiko.Ed25519Key.from_private_key_file(str(p)) for p in _keys(world[0], 3))
+    ssh.PinOnFirstUse().missing_host_key(None, "192.168.56.11", source_key)  # the source, pinned on first use
+    with pytest.raises(HostError, match="unlike the one pinned for 192.168.56.11"):
+        ssh.PinOnFirstUse(like="192.168.56.11").missing_host_key(None, "192.168.56.13", stranger)
+    assert not ssh.pinned("192.168.56.13")
+    ssh.PinOnFirstUse(like="192.168.56.11").missing_host_key(None, "192.168.56.13", source_key)
+    sent = f"{clone_new_key.get_name()} {clone_new_key.get_base64()} root@clone\n"
+    assert ssh.repin("192.168.56.13", sent) == 1
+    with pytest.raises(HostError, match="does not match the one pinned"):
+        ssh.PinOnFirstUse().missing_host_key(None, "192.168.56.13", source_key)
+    ssh.PinOnFirstUse().missing_host_key(None, "192.168.56.13", clone_new_key)  # the re-keyed clone: accepted
+
+
+def _keys(state: Path, n: int) -> list[Path]:
+    paths = []
+    for i in range(n):
+        path = state.parent / f"hostkey{i}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- lows
+@pytest.mark.parametrize("content, message", [
+    (b"environments:\n  prod:\x00\n", "not valid YAML"),
+    (b"environments:\n  prod: \xff\xfe\n", "not UTF-8 text"),
+    (CONFIG.replace("loadbalancers: [prod-lb1]", "loadbalancers: [[x]]").encode(), "must be an image name"),
+    (b"providers: {local: {suite: '../..'}}\n" + CONFIG.encode(), "providers.local.suite: must be a Debian suite"),
+], ids=["nul", "utf8", "nested-role", "suite-path"])
+def test_bad_config_bytes_are_one_line_errors(world, content, message):
+    state, config, _ = world
+    config.write_bytes(content)
+    result = fab(state, config, "hosts-list")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert str(config) in result.stderr
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("inventory.json", b"\xff\xfe", "not UTF-8"),
+    ("inventory.json", json.dumps({"version": 1, "hosts": {"prod-web1": {
+        "image": "prod-web1", "name": "prod-web1", "address": "1.2.3.4;}", "mac": "08:00:27:00:00:11", "env": "prod",
+        "roles": [], "first_seen": 0, "last_seen": 0, "reachable": None, "checked_at": None,
+        "hostname_ok": True}}}).encode(), "is not an IPv4 address"),
+    ("ssh/known_hosts", b"\xff\xfe bad\n", "not a known_hosts file"),
+    ("secrets/prod.key", b"", "is not an environment secret"),
+    ("deployments.json", b"{not json", "is not valid JSON"),
+], ids=["inventory-utf8", "inventory-address", "known-hosts", "empty-secret", "deployments"])
+def test_damaged_state_files_are_one_line_errors(world, tmp_path, name, content, message):
+    state, config, cfg = world
+    path = state / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    from fabfile.core.errors import BootedError
+
+    with pytest.raises(BootedError, match=message) as err:
+        if name.startswith("inventory"):
+            from fabfile.hosts.inventory import Inventory
+
+            Inventory().load()
+        elif name.startswith("ssh"):
+            from fabfile.core import ssh
+
+            ssh.pinned("10.0.0.1")
+        elif name.startswith("secrets"):
+            callhome.host_key("prod", "prod-web1")
+        else:
+            from fabfile.services import release
+
+            release.deployed_version("10.0.0.1", "hello")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_booted_log_that_is_not_a_file_is_refused(world):
+    state, config, _ = world
+    result = fab(state, config, "hosts-logged", "--booted-log", "/dev/zero", timeout=30)
+    assert result.returncode == 1 and "not a regular file" in result.stderr
+
+
+def test_monitor_once_fails_when_it_observed_nothing(world):
+    from fabfile.flows import monitor as monitord
+
+    class Blind:
+        def observe(self, should_stop):
+            raise OSError("no route to the load balancer")
+
+    cfg = load_config(world[1])
+    env = cfg.env("prod")
+    store = monitord.StateStore(env.name, env.workers)
+    log = monitord.MonitorLog(env.name, monitord.state_path("monitor", "prod.log"), echo=lambda line: None)
+    mon = monitord.Monitor(env, monitord.make_policy(env, store.load()), Blind(), store, log, monitord.Signals())
+    try:
+        assert mon.run(once=True) == 1
+    finally:
+        log.close()

@@ -206,9 +206,11 @@ class StateStore:
         """The saved state (a fresh one if there is none); workers no longer declared are dropped."""
         with locked(self.lock):
             try:
-                text = self.path.read_text()
+                text = self.path.read_bytes().decode("utf-8")
             except FileNotFoundError:
                 return PolicyState()
+            except UnicodeDecodeError:
+                text = "\0"  # not JSON: reported below like any other damage
         hint = "fix or delete it (the monitor then forgets which workers it started)"
         try:
             doc = json.loads(text)
@@ -319,9 +321,9 @@ class Monitor:
         try:
             while not self.signals.stop_requested:
                 started = time.monotonic()
-                self.tick()
-                if once:
-                    return 0
+                decision = self.tick()
+                if once:  # success only if it observed the environment and decided something
+                    return 0 if decision is not None else 1
                 self.signals.sleep(s.interval_s - (time.monotonic() - started))
         except BootedError as err:  # e.g. the state cannot be saved: acting on without it would be blind
             self.log.write(f"stopped: {err}")

@@ -213,7 +213,8 @@ class LocalProvider(Provider):
         """Run a long command, printing its latest line every 10 s, killing it at ``timeout``."""
         log = state_path("local", f"{what}.log")
         with open(log, "w") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=localcmd.child_environ())
             start = time.monotonic()
             next_report = start + 10
             while proc.poll() is None:
@@ -355,7 +356,7 @@ class LocalProvider(Provider):
         console = open(host.folder / "console.log", "wb")
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, env=localcmd.child_environ())
         finally:
             console.close()
         atomic_write(host.folder / "nspawn.pid", f"{proc.pid}\n")
