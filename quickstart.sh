@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(systemd-container debootstrap nginx-light iproute2 openssh-client git curl
-              python3 python3-venv python3-pip pxelinux syslinux-common ca-certificates)
+              python3 python3-venv python3-pip pxelinux syslinux-common ca-certificates
+              libvirt-clients)
 
 die() { echo "quickstart: $*" >&2; exit 1; }
 
@@ -21,8 +22,8 @@ setup() {
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
-    python3 -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
-        || die "booted needs Python 3.11 as python3 (Debian 12's); found $(python3 --version 2>&1)"
+    python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+        || die "booted needs Python 3.11 or newer as python3; found $(python3 --version 2>&1)"
     local stamp=.venv/.booted-installed want
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -32,6 +32,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import projectvenv  # noqa: E402
+
+if __name__ == "__main__":
+    projectvenv.use()  # `python3 bench/deploy_bench.py` works as the README says, venv active or not
+
 import benchlab  # noqa: E402
 import tools  # noqa: E402
 from report import Run, render_markdown, summarize  # noqa: E402

@@ -14,6 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import projectvenv  # noqa: E402
+
+if __name__ == "__main__":
+    projectvenv.use()
+
 from deploy_bench import main  # noqa: E402
 
 if __name__ == "__main__":

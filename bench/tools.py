@@ -7,14 +7,14 @@ restart booted-hello.service, prune old releases; then the controller checks /ve
 
 * ``booted``  ``fab hello-deploy --env bN --version V`` from the repo root, as shipped.
 * ``pyinfra`` ``pyinfra -y --parallel N inventory.py deploy.py`` (files.put, server.shell, python.call).
-* ``ansible`` ``ansible-playbook -f N`` with bench.md's fair settings: no facts, pipelining,
+* ``ansible`` ``ansible-playbook -f N`` with the fair settings of docs/benchmarking.md §2: no facts, pipelining,
   interpreter_python fixed, ControlPersist per run, host key checking off (copy, shell, one check).
 * ``floor``   one OpenSSH ``ssh`` per host in parallel, the tarball streamed into the same remote
   command on stdin, then the same HTTP polling; run from the harness (no interpreter start-up).
 
 All tools log in as booted's user with booted's key and become root with sudo, as booted does.
 Both OpenSSH users (Ansible, floor) get curve25519 key exchange, as paramiko uses; OpenSSH 9.2's
-default (sntrup761x25519) costs ~75 ms more client CPU per connection (bench.md section 6).
+default (sntrup761x25519) costs ~75 ms more client CPU per connection (docs/benchmarking.md §6).
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ class Runner:
         ssh_args = " ".join(["-o ControlMaster=auto", "-o ControlPersist=120s", *[
             f"{a} {b}" for a, b in zip(OPENSSH_OPTIONS[::2], OPENSSH_OPTIONS[1::2]) if "BatchMode" not in b]])
         (self.work / "ansible.cfg").write_text(
-            "# bench.md section 2, the fair profile (forks = N is passed as -f N)\n"
+            "# the fair profile of docs/benchmarking.md §2 (forks = N is passed as -f N)\n"
             "[defaults]\n"
             "gathering = explicit\n"
             "host_key_checking = False\n"

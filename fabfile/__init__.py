@@ -1,6 +1,7 @@
 """booted: one machine as a small private cloud for a web service."""
 import atexit
 import gc
+import sys
 
 from invoke import Collection
 
@@ -12,6 +13,12 @@ from fabfile import envmanager
 from fabfile import hostbuilder
 from fabfile import hostmanager
 from fabfile import monitor
+from fabfile import taskutil
+
+# `fab` (or `inv`) is the program loading this collection: give it booted's usage rules (TASK --help, exit 2).
+for _main in ("fabric.main", "invoke.main"):
+    if getattr(sys.modules.get(_main), "program", None) is not None:
+        taskutil.install_usage_errors(sys.modules[_main].program)
 
 ns = Collection()
 for _task in (
@@ -19,7 +26,7 @@ for _task in (
     hostbuilder.image_build, hostbuilder.image_clone, hostbuilder.image_del, hostbuilder.image_list,
     hostbuilder.image_start, hostbuilder.image_stop,
     hostmanager.hosts_clear, hostmanager.hosts_filter, hostmanager.hosts_list, hostmanager.hosts_logged,
-    hostmanager.hosts_reset, hostmanager.restart_nginx, hostmanager.hosts_forget,
+    hostmanager.hosts_reset, hostmanager.restart_nginx, hostmanager.nginx_stop, hostmanager.hosts_forget,
     monitor.monitor,
     *deploy.tasks(),
 ):

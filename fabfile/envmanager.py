@@ -46,11 +46,14 @@ def env_start_worker(c, image=None, env=None):
     say(environment.start_worker(cfg, e, image))
 
 
-@task(help={"env": "environment name"})
-def env_stop(c, env=None):
-    """Stop every image of an environment; its hosts leave the inventory."""
+@task(help={"env": "environment name",
+            "keep_nginx": "keep booted's nginx running even if no environment runs any more"})
+def env_stop(c, env=None, keep_nginx=False):
+    """Stop every image of an environment; its hosts leave the inventory; the last one out stops nginx."""
     cfg = load_config()
     e = cfg.env(env)
     results = environment.stop_images(cfg, e, list(e.images))
     say(summary(f"env-stop {e.name}", results))
     raise_if_failed(f"env-stop {e.name}", results)
+    if not keep_nginx:
+        say(environment.stop_nginx_if_idle(cfg))

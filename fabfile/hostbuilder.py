@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fabfile.core.output import say, table
+from fabfile.flows import environment
 from fabfile.taskutil import confirm, load_config, provider_for, resolve_image, task
 from fabfile.core.errors import BootedError, ProviderError
 from fabfile.providers import NAMES as PROVIDER_NAMES
@@ -13,8 +14,8 @@ PROVIDER_HELP = " or ".join(PROVIDER_NAMES)
 def image_build(c, image=None, provider=None):
     """Build an image unattended (VirtualBox: kickstart install; local: Debian container)."""
     cfg = load_config()
-    image, env, prov = resolve_image(cfg, image, provider)
-    machine = provider_for(cfg, prov).build(image, env)
+    image, env, prov = resolve_image(cfg, image, provider, new=True)
+    machine = environment.build_image(cfg, provider_for(cfg, prov), image, env)
     say(f"built {machine.name} ({prov}): {machine.state}")
 
 

@@ -1,10 +1,10 @@
 """Hosts: the inventory learned from the booted log, SSH reachability, and booted's nginx."""
 from __future__ import annotations
 
-from fabfile.flows import discovery
+from fabfile.flows import discovery, environment
 from fabfile.hosts import inventory
 from fabfile.hosts import endpoint as nginxctl
-from fabfile.core import ssh
+from fabfile.core import names, ssh
 from fabfile.core.errors import UsageError
 from fabfile.hosts.inventory import Inventory
 from fabfile.core.output import say
@@ -56,7 +56,9 @@ def hosts_list(c, format="table", env=None):
         cfg.env(env)
     entries = Inventory().hosts(env=env)
     key, _ = ssh.keypair(cfg)
-    print(inventory.render(entries, format, ssh_user=ssh.user(cfg), ssh_key=key), end="" if format != "table" else "\n")
+    # Ansible checks host keys against booted's pins (not the user's ~/.ssh/known_hosts, which lacks them).
+    print(inventory.render(entries, format, ssh_user=ssh.user(cfg), ssh_key=key,
+                           known_hosts=str(ssh.known_hosts_path())), end="" if format != "table" else "\n")
 
 
 @task(help={"yes": "do not ask"})
@@ -91,10 +93,19 @@ def restart_nginx(c):
         say(f"read the last {result.lines} lines of the previous log: {len(result.calls)} calls home")
 
 
-@task(help={"host": "address whose pinned SSH host key to forget"})
+@task(help={"force": "stop it even while an image install needs it"})
+def nginx_stop(c, force=False):
+    """Stop booted's nginx (hosts cannot call home until the next env-start-* or restart-nginx)."""
+    load_config()
+    say(environment.stop_nginx(force=force))
+
+
+@task(help={"host": "IP address whose pinned SSH host keys to forget"})
 def hosts_forget(c, host=None):
-    """Forget a host's pinned SSH key (after it was rebuilt)."""
+    """Forget every pinned SSH host key of an address (after its host was rebuilt)."""
     if not host:
         raise UsageError("--host ADDRESS is required")
-    ssh.forget(host)
-    say(f"forgot the pinned host key of {host}")
+    address = names.check_address(host, "--host")
+    n = ssh.forget(address)
+    say(f"forgot {n} pinned host key{'s' if n != 1 else ''} of {address}" if n
+        else f"no pinned host key of {address} (nothing to forget)")

@@ -232,6 +232,14 @@ environments:
       workers: [solo-box]
     service: hello
     version: v2
+  cli:
+    provider: local
+    images: [cli-box]
+    roles:
+      loadbalancers: [cli-box]
+      workers: [cli-box]
+    service: hello
+    version: v1
   disco:
     provider: local
     images: [disco-1, disco-2, disco-3]

@@ -63,9 +63,9 @@ def test_confirmations_need_yes_without_a_terminal(tmp_path):
 
 def test_positional_image_argument_works(tmp_path):
     proc = fab("image-start", "not_declared", tmp_path=tmp_path)
-    # an undeclared image with two providers in use: asks for --provider, after validating the name
+    # an undeclared image no provider holds: one line saying so, after validating the name
     assert proc.returncode == 2
-    assert "pass --provider" in proc.stderr
+    assert "error: no provider holds an image 'not_declared'" in proc.stderr
 
 
 def test_hosts_list_formats_on_an_empty_inventory(tmp_path):

@@ -1,15 +1,18 @@
 """VBoxManage output parsing and the command wrapper's failure/retry rules, as tables of input -> expected.
 
-Inputs are the shapes quoted in /work/shared/reference/virtualbox.md (§1, §3, §5, §7, §13).
+Inputs are the shapes quoted in docs/virtualbox.md (§1, §3, §5, §7, §13).
 """
 from __future__ import annotations
+
+import random
+import re
 
 import pytest
 
 from fabfile.core import localcmd
 from fabfile.core.errors import ProviderError, UsageError
 from fabfile.providers import base
-from fabfile.providers.virtualbox.vboxmanage import INSTALL_HINT, VBoxError, VBoxFailure, VBoxManage, broken_install, guest_addresses, mac_colon, parse_failure, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names, parse_version, retry_delay
+from fabfile.providers.virtualbox.vboxmanage import INSTALL_HINT, VBoxError, VBoxFailure, VBoxManage, backoff, broken_install, guest_addresses, mac_colon, parse_failure, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names, parse_version, retry_delay
 from fabfile.providers.virtualbox.provider import machine_from_info
 
 LOCKED = (
@@ -205,12 +208,33 @@ class FakeRuns:
         return localcmd.CommandResult(list(argv), code, out, err)
 
 
+class FakeClock:
+    """A clock that only moves when the code under test sleeps."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class Longest(random.Random):
+    """Jitter that always picks the longest wait (the worst case for how many attempts fit)."""
+
+    def uniform(self, a, b):
+        return b
+
+
 @pytest.fixture
 def wrapper(monkeypatch):
     monkeypatch.setattr(localcmd, "which", lambda name: f"/usr/bin/{name}")
-    sleeps = []
-    vbox = VBoxManage(delay=1.0, sleep=sleeps.append)
-    vbox.sleeps = sleeps
+    clock = FakeClock()
+    vbox = VBoxManage(delay=1.0, window=60.0, sleep=clock.sleep, clock=clock.time, rng=Longest())
+    vbox.sleeps = clock.sleeps
     return vbox
 
 
@@ -223,13 +247,48 @@ def test_wrapper_runs_with_c_locale_and_retries_locks_with_backoff(wrapper, monk
     assert wrapper.sleeps == [1.0, 2.0]
 
 
-def test_wrapper_gives_up_after_bounded_attempts(wrapper, monkeypatch):
-    monkeypatch.setattr(localcmd, "run", FakeRuns(*[(1, "", LOCKED)] * 9))
+def test_wrapper_retries_for_a_bounded_time_not_a_count(wrapper, monkeypatch):
+    monkeypatch.setattr(localcmd, "run", FakeRuns(*[(1, "", LOCKED)] * 50))
     with pytest.raises(VBoxError) as err:
         wrapper.run("modifyvm", "web1", image="web1")
     assert str(err.value) == ("web1: VBoxManage modifyvm: The machine 'web1' is already locked for a session "
-                              "(or being unlocked) [VBOX_E_INVALID_OBJECT_STATE] (after 5 attempts)")
-    assert wrapper.sleeps == [1.0, 2.0, 4.0, 8.0]
+                              "(or being unlocked) [VBOX_E_INVALID_OBJECT_STATE] (after 9 attempts in 60s)")
+    # doubling from 1 s, capped at 10 s; one more 10 s wait would end past the 60 s window
+    assert wrapper.sleeps == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
+
+
+def test_backoff_has_jitter_between_half_and_all_of_the_delay():
+    rng = random.Random(7)
+    waits = [backoff(3, 0.5, rng) for _ in range(200)]
+    assert min(waits) >= 1.0 and max(waits) <= 2.0 and len(set(waits)) == 200
+    assert backoff(30, 0.5, Longest()) == 5.0  # capped
+
+
+def test_default_retry_window_outlasts_a_30_percent_lock_rate(monkeypatch):
+    """With the shipped defaults even the longest waits leave >= 15 attempts in the window, so a call fails
+    at a 30% lock-error rate with probability <= 0.3**15; 20000 simulated calls at that rate all succeed."""
+    monkeypatch.setattr(localcmd, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.delenv("BOOTED_VBOX_RETRY_DELAY", raising=False)
+    monkeypatch.delenv("BOOTED_VBOX_RETRY_WINDOW", raising=False)
+    clock = FakeClock()
+    worst = VBoxManage(sleep=clock.sleep, clock=clock.time, rng=Longest())
+    monkeypatch.setattr(localcmd, "run", FakeRuns(*[(1, "", LOCKED)] * 100))
+    with pytest.raises(VBoxError) as err:
+        worst.run("modifyvm", "web1")
+    attempts = int(re.search(r"after (\d+) attempts in 60s", str(err.value)).group(1))
+    assert attempts >= 15 and 0.3 ** attempts < 2e-8
+
+    faults = random.Random(2026)
+
+    def flaky(argv, **_):
+        locked = faults.random() < 0.3
+        return localcmd.CommandResult(list(argv), 1 if locked else 0, "" if locked else "ok\n", LOCKED if locked else "")
+
+    monkeypatch.setattr(localcmd, "run", flaky)
+    clock = FakeClock()
+    vbox = VBoxManage(sleep=clock.sleep, clock=clock.time, rng=random.Random(1))
+    for _ in range(20000):
+        assert vbox.run("modifyvm", "web1").stdout == "ok\n"
 
 
 @pytest.mark.parametrize("result, message, code", [
@@ -250,7 +309,7 @@ def test_wrapper_failures_are_one_line_provider_errors(wrapper, monkeypatch, res
 
 
 def test_wrapper_success_predicate_overrides_exit_status(wrapper, monkeypatch):
-    # Vagrant's startvm rule (§3.1): the success text counts even with exit status 1.
+    # Vagrant's startvm rule (docs/virtualbox.md §3.1): the success text counts even with exit status 1.
     monkeypatch.setattr(localcmd, "run", FakeRuns((1, 'VM "web1" has been successfully started.\n', "")))
     result = wrapper.run("startvm", "web1", success=lambda r: "successfully started" in r.stdout)
     assert result.returncode == 1
@@ -263,7 +322,7 @@ def test_wrapper_without_vboxmanage_says_how_to_install(monkeypatch):
     assert str(err.value) == INSTALL_HINT and "\n" not in INSTALL_HINT
 
 
-@pytest.mark.parametrize("raw, expected", [("", 1.0), ("0", 0.0), ("0.25", 0.25)])
+@pytest.mark.parametrize("raw, expected", [("", 0.5), ("0", 0.0), ("0.25", 0.25)])
 def test_retry_delay_from_environment(monkeypatch, raw, expected):
     monkeypatch.setenv("BOOTED_VBOX_RETRY_DELAY", raw)
     assert retry_delay() == expected

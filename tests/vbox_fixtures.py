@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.isofixture import make_test_iso
+from tests.lab import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN_DIR = Path(__file__).resolve().parent / "vboxmanage"
@@ -38,7 +40,7 @@ MUTATING = {"createvm", "modifyvm", "storagectl", "createmedium", "storageattach
 
 CONFIG = """\
 settings:
-  nginx: {{port: 8480}}
+  nginx: {{port: {port}}}
 providers:
   virtualbox:
     iso: "{iso}"
@@ -88,6 +90,7 @@ class VBoxLab:
             "BOOTED_CONFIG": str(self.config),
             "BOOTED_PXELINUX_DIR": str(self.root / "pxelinux"),
             "BOOTED_VBOX_RETRY_DELAY": "0.01",
+            "BOOTED_VBOX_RETRY_WINDOW": "0.3",
             "VBOX_STANDIN_INSTALL_SECONDS": "0.1",
         })
         return base
@@ -186,8 +189,33 @@ def make_world(root: Path) -> VBoxLab:
     pxe.mkdir(exist_ok=True)
     (pxe / "pxelinux.0").write_bytes(b"test pxelinux.0\n")
     (pxe / "ldlinux.c32").write_bytes(b"test ldlinux.c32\n")
-    lab.config.write_text(CONFIG.format(iso=lab.iso))
+    lab.config.write_text(CONFIG.format(iso=lab.iso, port=free_port()))
     return lab
+
+
+def stop_nginx(lab: VBoxLab) -> None:
+    """Stop the booted nginx this lab's state dir runs (a build starts one), if any."""
+    pid_file = lab.state / "nginx" / "nginx.pid"
+    try:
+        pid = int(pid_file.read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return
+    if b"nginx" in command and str(lab.state).encode() in command:
+        os.kill(pid, signal.SIGQUIT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.02)
+    pid_file.unlink(missing_ok=True)
+
+
+def start_nginx(lab: VBoxLab) -> None:
+    """booted's nginx for this lab, started in this process (for provider calls made in-process)."""
+    from fabfile.hosts import endpoint as nginxctl
+    from fabfile.providers import load_config
+
+    nginxctl.restart(load_config(lab.config), rotate=False)
 
 
 def provider_in(lab: VBoxLab, monkeypatch):
@@ -203,12 +231,33 @@ def provider_in(lab: VBoxLab, monkeypatch):
     return VirtualBoxProvider(load_config(lab.config))
 
 
+def world_root(prefix: str) -> Path:
+    """A folder for a world that booted's nginx workers (user nobody) can reach, as they must to serve a
+    kickstart: pytest's own temporary folders are 0700. The caller removes it."""
+    root = Path(tempfile.mkdtemp(prefix=f"booted-{prefix}-"))
+    root.chmod(0o711)
+    return root
+
+
 @pytest.fixture(scope="module")
-def vbox_template(tmp_path_factory) -> VBoxLab:
+def vbox_template() -> VBoxLab:
     """A world in which the provider has built ``lab-web1`` (powered off, installed, DVD removed)."""
-    lab = make_world(tmp_path_factory.mktemp("vbox-template"))
-    with pytest.MonkeyPatch.context() as mp:
-        provider_in(lab, mp).build(IMAGE, _lab_env(lab))
+    root = world_root("vbox-template")
+    try:
+        yield _built_template(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _built_template(root: Path) -> VBoxLab:
+    lab = make_world(root / "world")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            provider = provider_in(lab, mp)
+            start_nginx(lab)
+            provider.build(IMAGE, _lab_env(lab))
+    finally:
+        stop_nginx(lab)
     lab.clear_calls()
     return lab
 
@@ -220,9 +269,10 @@ def _lab_env(lab: VBoxLab):
 
 
 @pytest.fixture
-def vbox_lab(vbox_template, tmp_path) -> VBoxLab:
+def vbox_lab(vbox_template) -> VBoxLab:
     """A private copy of the template world (absolute paths rewritten), with an empty invocation log."""
-    lab = VBoxLab(tmp_path / "world")
+    root = world_root("vbox-lab")
+    lab = VBoxLab(root / "world")
     shutil.copytree(vbox_template.root, lab.root, symlinks=True)
     old, new = str(vbox_template.root), str(lab.root)
     for path in (lab.home / "state.json", lab.config, lab.state / "pxeboot" / "digests.json",
@@ -230,10 +280,16 @@ def vbox_lab(vbox_template, tmp_path) -> VBoxLab:
         if path.exists():
             path.write_text(path.read_text().replace(old, new))
     lab.clear_calls()
-    return lab
+    try:
+        yield lab
+    finally:
+        stop_nginx(lab)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
 def vbox_provider(vbox_lab, monkeypatch):
-    """The provider, in this process, in ``vbox_lab``'s world."""
-    return provider_in(vbox_lab, monkeypatch)
+    """The provider, in this process, in ``vbox_lab``'s world, with the lab's booted nginx running."""
+    provider = provider_in(vbox_lab, monkeypatch)
+    start_nginx(vbox_lab)
+    return provider

@@ -5,6 +5,7 @@ git or a remote shell.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from fabfile.core.errors import UsageError
@@ -39,3 +40,14 @@ def check(kind: str, value: object, where: str = "") -> str:
 def hostname_for(image: str) -> str:
     """The hostname an image's host gets: the image name, with '_' (not valid in hostnames) as '-'."""
     return check("image", image).replace("_", "-")
+
+
+def check_address(value: object, where: str = "") -> str:
+    """Return ``value`` as a canonical IPv4 or IPv6 address (what booted pins host keys under), else a UsageError."""
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        prefix = f"{where}: " if where else ""
+        raise UsageError(f"{prefix}invalid address {value!r}: give a host's IPv4 or IPv6 address, "
+                         "as `fab hosts-list` shows it") from None

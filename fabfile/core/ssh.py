@@ -25,7 +25,7 @@ from fabric import Connection
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError, HostError
-from fabfile.core.state import locked, state_path
+from fabfile.core.state import atomic_write, locked, state_path
 
 DEFAULT_USER = "booted"
 SSH_PORT = 22
@@ -134,16 +134,37 @@ def repin(address: str, public_keys: str) -> int:
     return len(new)
 
 
-def forget(address: str) -> None:
-    """Drop the pinned keys of ``address`` (its host was deleted or rebuilt)."""
+def forget(address: str) -> int:
+    """Drop every pinned key of ``address`` (its host was deleted or rebuilt); returns how many.
+
+    Every line naming it goes: plain, ``[address]:port`` and hashed (``|1|...``) entries, for any key type.
+    """
     path = known_hosts_path()
     with locked("known_hosts"):
         if not path.exists():
-            return
-        keys = _load_pins(path)
-        if address in keys:
-            del keys[address]
-            _save_pins(keys, path)
+            return 0
+        kept, dropped = [], 0
+        for line in path.read_text(errors="replace").splitlines(keepends=True):
+            fields = line.split()
+            if fields and not line.lstrip().startswith("#") and _names_host(fields[0], address):
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            atomic_write(path, "".join(kept), mode=0o600)
+        return dropped
+
+
+def _names_host(patterns: str, address: str) -> bool:
+    """Whether a known_hosts host field (comma-separated names, maybe hashed) names ``address``."""
+    for name in patterns.split(","):
+        if name.startswith("|1|"):
+            if any(paramiko.HostKeys.hash_host(form, name) == name for form in (address, f"[{address}]:22")):
+                return True
+            continue
+        if name == address or (name.startswith(f"[{address}]:")):
+            return True
+    return False
 
 
 class BootedConnection(Connection):

@@ -45,6 +45,52 @@ def ensure_nginx(cfg: Config) -> None:
         progress(f"booted nginx {action} on port {cfg.nginx['port']}")
 
 
+def build_image(cfg: Config, prov: Provider, image: str, env: Environment | None):
+    """``prov.build``, with booted's nginx running for the whole build if the provider's installer needs it
+    (its kickstart); nginx-stop and env-stop leave it running until the build ends."""
+    if not prov.build_needs_endpoint:
+        return prov.build(image, env)
+    ensure_nginx(cfg)
+    with nginxctl.serving(image):
+        return prov.build(image, env)
+
+
+def stop_nginx(force: bool = False) -> str:
+    """Stop booted's nginx unless an image install needs it (``force``: even then); says what happened."""
+    busy = nginxctl.users()
+    if busy and not force:
+        raise BootedError(f"booted's nginx is serving the install of {', '.join(busy)}; not stopped "
+                          "(wait for the build, or pass --force)")
+    return "booted nginx stopped" if nginxctl.stop() else "booted nginx was not running"
+
+
+def running_environments(cfg: Config) -> list[str]:
+    """Environments with at least one running image (providers that are not installed run nothing)."""
+    running = []
+    for provider_name in sorted({e.provider for e in cfg.environments.values()}):
+        prov = get_provider(provider_name, cfg)
+        if not prov.installed():
+            continue
+        up = {m.name for m in prov.list() if m.running}
+        running += [e.name for e in cfg.environments.values() if e.provider == provider_name and up & set(e.images)]
+    return sorted(running)
+
+
+def stop_nginx_if_idle(cfg: Config) -> str:
+    """After an environment stopped: stop booted's nginx if no environment runs and no install needs it."""
+    try:
+        others = running_environments(cfg)
+    except BootedError as err:
+        return f"booted nginx kept running: could not tell whether other environments run ({err})"
+    if others:
+        return f"booted nginx kept running for {', '.join(others)}"
+    busy = nginxctl.users()
+    if busy:
+        return f"booted nginx kept running for the install of {', '.join(busy)}"
+    return ("booted nginx stopped (no environment runs; --keep-nginx keeps it)" if nginxctl.stop()
+            else "booted nginx is not running")
+
+
 def boot_timeout(cfg: Config, env: Environment) -> float:
     return float(cfg.provider_settings(env.provider)["boot_timeout_s"]) + 30.0
 
@@ -65,7 +111,7 @@ def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, 
             started[image] = None
             return "already running"
         if image in plan.build:
-            prov.build(image, env)
+            build_image(cfg, prov, image, env)
         started[image] = time.time()
         machine = prov.start(image)
         return f"started ({', '.join(machine.addresses) or 'address pending'})"

@@ -6,16 +6,19 @@ configuration is never touched and a test's nginx never meets a user's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import os
+import re
+import shlex
 import signal
 import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from fabfile.hosts import callhome
 from fabfile.core import localcmd
@@ -193,7 +196,12 @@ def restart(config, rotate: bool = True, reach: Iterable[str] = ()) -> tuple[str
             os.kill(pid, signal.SIGHUP)  # reload: new workers with the new config and fresh log files
             action = "reloaded"
         else:
-            localcmd.run([_nginx(), "-p", str(prefix()), "-c", str(conf_path())])
+            started = localcmd.run([_nginx(), "-p", str(prefix()), "-c", str(conf_path())], check=False)
+            if not started.ok:
+                if "Address already in use" in started.stderr:
+                    raise BootedError(port_taken(config))
+                lines = [l for l in started.stderr.strip().splitlines() if "emerg" in l] or started.stderr.strip().splitlines()
+                raise BootedError(f"nginx did not start: {lines[-1] if lines else f'exit {started.returncode}'}")
             action = "started"
         _wait_listening(config)
         if rotated is not None:
@@ -283,3 +291,137 @@ def stop() -> bool:
     if _pid():
         os.kill(pid, signal.SIGKILL)
     return True
+
+
+# ---------------------------------------------------------------------------- who else needs it
+def _users_dir() -> Path:
+    return state_path("nginx", "users", ".keep").parent
+
+
+@contextlib.contextmanager
+def serving(user: str) -> Iterator[None]:
+    """Mark booted's nginx as needed by ``user`` (an image being installed) for the block.
+
+    The mark is a lock held by this process, so it disappears with it, even if it is killed; ``users``
+    sees it and ``nginx-stop`` / ``env-stop`` leave nginx running meanwhile.
+    """
+    path = _users_dir() / f"{user}.lock"
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def users() -> list[str]:
+    """What needs booted's nginx right now (images being installed); stale marks are removed."""
+    found = []
+    for path in sorted(_users_dir().glob("*.lock")):
+        try:
+            fh = open(path, "a+")
+        except FileNotFoundError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                found.append(path.name[: -len(".lock")])
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # its holder is gone
+    return found
+
+
+# ---------------------------------------------------------------------------- a port someone else holds
+@dataclass(frozen=True)
+class PortHolder:
+    pid: int
+    command: str
+    booted_state_dir: Path | None  # set when the holder is another booted's nginx
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXADDR:HEXPORT; state 0A is LISTEN (see proc(5), /proc/net/tcp)
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+_NGINX_PREFIX = re.compile(r"^nginx: master process .*? -p (.+?)/? -c ")
+
+
+def port_holder(port: int) -> PortHolder | None:
+    """The process listening on TCP ``port`` on this machine, if it can be found."""
+    inodes = {f"socket:[{i}]" for i in _listening_inodes(port)}
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) not in inodes:
+                    continue
+            except OSError:
+                continue
+            pid = int(proc.name)
+            command = _cmdline(pid)
+            if command.startswith("nginx: worker process"):  # its master holds the same socket
+                parent = _parent(pid)
+                if parent and _cmdline(parent).startswith("nginx: master process"):
+                    pid, command = parent, _cmdline(parent)
+            match = _NGINX_PREFIX.match(command)
+            state = None
+            if match:
+                nginx_dir = Path(match.group(1))
+                if nginx_dir.name == "nginx" and (nginx_dir / "nginx.conf").is_file():
+                    with contextlib.suppress(OSError):
+                        if "booted's own nginx" in (nginx_dir / "nginx.conf").read_text(errors="replace")[:400]:
+                            state = nginx_dir.parent
+            return PortHolder(pid, command, state)
+    return None
+
+
+def port_taken(config) -> str:
+    """One line saying who holds booted's nginx port and what to do about it."""
+    port = config.nginx["port"]
+    change = f"or give this booted another port (settings.nginx.port in {config.path})"
+    holder = port_holder(port)
+    if holder is None:
+        return f"port {port} is in use by another program (not visible from here); stop it, {change}"
+    if holder.booted_state_dir is not None:
+        how = f"BOOTED_STATE_DIR={shlex.quote(str(holder.booted_state_dir))} fab nginx-stop"
+        return (f"port {port} is in use by another booted's nginx (pid {holder.pid}, state dir "
+                f"{holder.booted_state_dir}); stop it with `{how}`, {change}")
+    return f"port {port} is in use by pid {holder.pid} ({holder.command[:80]}); stop it, {change}"

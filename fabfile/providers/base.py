@@ -49,10 +49,17 @@ class Provider(abc.ABC):
     """A source of hosts. Every method takes validated image names."""
 
     name = "abstract"
+    # Whether build() needs booted's nginx (an installer fetching its kickstart from it); the build flow
+    # starts nginx first and keeps it for the build.
+    build_needs_endpoint = False
 
     def __init__(self, config: "Config"):
         self.config = config
         self.settings = config.provider_settings(self.name)
+
+    def installed(self) -> bool:
+        """Whether this machine has what the provider drives (a provider that is not installed runs nothing)."""
+        return True
 
     @abc.abstractmethod
     def build(self, image: str, env: "Environment | None") -> Machine:

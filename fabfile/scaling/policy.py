@@ -1,6 +1,6 @@
 """The monitor's scaling policy: pure decisions from observations, no I/O, no clock of its own.
 
-Modelled on Kubernetes' HPA and AWS target tracking (research notes: ops.md §1.5):
+Modelled on Kubernetes' HPA and AWS target tracking (docs/autoscaling.md §1.5):
 
 * **up fast**: ``up_samples`` consecutive bad samples (p95 above ``latency_high_ms`` or errors
   above ``max_error_rate``) add one worker, two if p95 is twice the limit; then ``up_cooldown_s``;

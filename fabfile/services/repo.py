@@ -46,6 +46,7 @@ _SKIP = {"__pycache__", ".pytest_cache", ".git", ".mypy_cache"}
 
 FETCH_TIMEOUT_S = 300
 GIT_TIMEOUT_S = 120
+ACCEPT_NEW_HOSTKEY_ENV = "BOOTED_GIT_ACCEPT_NEW_HOSTKEY"
 
 
 class RepoError(BootedError):
@@ -74,7 +75,12 @@ def _service(service: Service | str) -> Service:
 def _git(args: list[str], *, timeout: float = GIT_TIMEOUT_S, env: dict | None = None, cwd=None,
          check: bool = True, isolated: bool = False) -> localcmd.CommandResult:
     """Run git; ``isolated`` ignores the user's and system git config (for reproducible builds)."""
-    full_env = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+    # Never wait for a person: no credential prompt (GIT_TERMINAL_PROMPT), and ssh asks nothing either
+    # (BatchMode) and refuses an unknown host key (StrictHostKeyChecking=yes) unless BOOTED_GIT_ACCEPT_NEW_HOSTKEY
+    # says to pin it on first contact (accept-new). Its own process group cannot reach the terminal anyway.
+    checking = "accept-new" if os.environ.get(ACCEPT_NEW_HOSTKEY_ENV) == "1" else "yes"
+    full_env = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C",
+                "GIT_SSH_COMMAND": f"ssh -o BatchMode=yes -o StrictHostKeyChecking={checking}"}
     if isolated:
         full_env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull})
     full_env.update(env or {})
@@ -86,9 +92,20 @@ def _git(args: list[str], *, timeout: float = GIT_TIMEOUT_S, env: dict | None = 
         raise
 
 
+# git's closing advice after a failed fetch says nothing about why; the lines before it do.
+_GIT_BOILERPLATE = ("Cloning into", "Please make sure you have the correct access rights", "and the repository exists")
+
+
 def _last_line(result: localcmd.CommandResult) -> str:
-    lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
-    return lines[-1] if lines else f"exit {result.returncode}"
+    """Why git failed, in one line: its own last lines without the generic advice (ssh's reason and the
+    ``fatal:`` line), plus how to accept a new ssh host key when that is the reason."""
+    lines = [ln.strip() for ln in (result.stderr.strip() or result.stdout.strip()).splitlines()]
+    said = [ln for ln in lines if ln and not ln.startswith(_GIT_BOILERPLATE)]
+    text = "; ".join(said[-2:]) if said else f"exit {result.returncode}"
+    if "Host key verification failed" in text:
+        text += (f" (the server's ssh host key is not in your known_hosts: add it with ssh-keyscan, or set "
+                 f"{ACCEPT_NEW_HOSTKEY_ENV}=1 to pin it on first contact)")
+    return text
 
 
 def _repo_git(gitdir: Path) -> list[str]:

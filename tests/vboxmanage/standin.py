@@ -1,17 +1,17 @@
 """A stand-in for VirtualBox 7's VBoxManage, for booted's tests; ``VBoxManage`` next to this file runs it.
 
 It accepts only real VBoxManage subcommands and options, as documented in
-/work/shared/reference/virtualbox.md (both spellings where §1/§2.2 say both parse), keeps its registry in
+docs/virtualbox.md (both spellings where its §1/§2.2 say both parse), keeps its registry in
 ``$VBOX_STANDIN_HOME/state.json`` (VMs, snapshots, NICs, storage, media) and writes the files a real one
 would (``.vbox``, ``.vdi``, ``Logs/``) so tests can check that deletion removes them. Failures use the
-three-line ``VBoxManage: error:`` form with VirtualBox's codes; exit 1 on failure, 2 on bad arguments (§1).
-Where the reference does not quote VirtualBox's wording the message is marked ``[stand-in wording]``.
+three-line ``VBoxManage: error:`` form with VirtualBox's codes; exit 1 on failure, 2 on bad arguments (docs/virtualbox.md §1).
+Where docs/virtualbox.md does not quote VirtualBox's wording the message is marked ``[stand-in wording]``.
 Every call is appended to ``$VBOX_STANDIN_HOME/invocations.jsonl`` (one JSON list per line).
 
 Real subcommands it does not implement fail with exit 2 and say so, so a test notices a provider using one.
 Modelled behaviour beyond the syntax: commands that change a VM need its session lock, which a running VM
-holds (§10); a linked clone's disk is a child of its source's, so unregistervm of the source is refused;
-an installed guest that runs reports its addresses like Guest Additions do (§7): 10.0.2.15 on a NAT NIC,
+holds (docs/virtualbox.md §10); a linked clone's disk is a child of its source's, so unregistervm of the source is refused;
+an installed guest that runs reports its addresses like Guest Additions do (docs/virtualbox.md §7): 10.0.2.15 on a NAT NIC,
 192.168.56.<100 + last MAC byte % 150> on a host-only NIC.
 
 Time-dependent state is computed when read (no daemon): a running VM stores when it started and when it
@@ -24,13 +24,19 @@ Simulation knobs (environment variables):
                                 has address 192.168.<56+n>.1
   VBOX_STANDIN_OSTYPES          comma-separated OS type IDs this VirtualBox knows (default: a built-in list)
   VBOX_STANDIN_INSTALL_SECONDS  a VM started with boot1=net that finds its PXE loader in the NAT TFTP
-                                directory and has a DVD attached "installs" and powers off after this
-                                long (default 0.2); without them it keeps running (a stuck installer)
+                                directory and has a DVD attached fetches the inst.ks= URL of its PXE entry
+                                (as the EL9 installer does; 10.0.2.2 is the host's loopback only with
+                                --nat-localhostreachable1 on), then "installs" and powers off after this
+                                long (default 0.2); without them, or if the kickstart does not answer, it
+                                keeps running (a stuck installer). With --uart1 on and --uart-mode1 file PATH
+                                the guest's console lines go to PATH.
   VBOX_STANDIN_ACPI_SECONDS     an installed guest powers off this long after acpipowerbutton (default 0.1)
   VBOX_STANDIN_IGNORE_ACPI      set: acpipowerbutton does nothing
   VBOX_STANDIN_NO_GA            set: guests report no guest properties (no Guest Additions)
   VBOX_STANDIN_LOCKED_ONCE      SUB or "any": the next session-locking SUB call fails once with the lock error
   VBOX_STANDIN_LOCKED_ALWAYS    SUB or "any": every session-locking SUB call fails with the lock error
+  VBOX_STANDIN_LOCKED_RATE      0..1: each session-locking call fails with the lock error with this probability
+                                (another client holding the VM's session lock, docs/virtualbox.md §10)
   VBOX_STANDIN_FAIL             SUB[,SUB]: those subcommands fail (exit 1, NS_ERROR_FAILURE)
   VBOX_STANDIN_ERROR_AT_EXIT0   SUB[,SUB]: those subcommands print an error, do nothing, and exit 0
   VBOX_STANDIN_GHOST_VM         NAME: ``list vms`` also shows a VM that showvminfo cannot find (deleted meanwhile)
@@ -183,6 +189,11 @@ class Options:
                         if i >= len(argv):
                             raise Syntax(f"Option {name} needs a value [stand-in wording]")
                         value = argv[i]
+                    if callable(takes) and takes(value):  # a second value follows (--uartN IOBASE IRQ)
+                        i += 1
+                        if i >= len(argv):
+                            raise Syntax(f"Missing or invalid argument to '{name}' [stand-in wording]")
+                        value = (value, argv[i])
                 else:
                     if eq:
                         raise Syntax(f"Option {name} takes no value [stand-in wording]")
@@ -205,7 +216,7 @@ class Options:
 
 
 def spelled(new, old, since7=True):
-    """Both spellings of an option; the hyphenated 7.x one only parses on 7.0+ (§1)."""
+    """Both spellings of an option; the hyphenated 7.x one only parses on 7.0+ (docs/virtualbox.md §1)."""
     names = [old] if old else []
     if new and (version_tuple() >= (7, 0) or not since7):
         names.append(new)
@@ -295,11 +306,14 @@ def lock_error(vm, sub):
 
 
 def take_write_lock(reg, vm, sub):
-    """Commands that change a VM take its session lock (§10): a running VM holds it; knobs fake a holder."""
+    """Commands that change a VM take its session lock (docs/virtualbox.md §10): a running VM holds it; knobs fake a holder."""
     faults = reg.data.setdefault("faults", {})
     always = os.environ.get("VBOX_STANDIN_LOCKED_ALWAYS", "")
     once = os.environ.get("VBOX_STANDIN_LOCKED_ONCE", "")
     if always in (sub, "any"):
+        raise lock_error(vm, sub)
+    rate = env_float("VBOX_STANDIN_LOCKED_RATE", 0.0)
+    if rate and int.from_bytes(os.urandom(4), "big") < rate * 2 ** 32:
         raise lock_error(vm, sub)
     if once in (sub, "any") and not faults.get("locked_once_used"):
         faults["locked_once_used"] = True
@@ -413,9 +427,14 @@ def _modifyvm_spec():
     for new, old in pairs:
         for n in spelled(new, old):
             indexed[n] = True
-    if v7:  # new in 7.0, both spellings (§1, §2.2)
+    # Serial ports (VirtualBox's modifyvm option table): --uartN off | IOBASE IRQ; --uart-modeN (also --uartmodeN)
+    # disconnected | server|client|tcpserver|tcpclient|file PATH | DEVICE.
+    indexed["--uart"] = lambda first: first.lower() not in ("off", "disable")
+    for n in spelled("--uart-mode", "--uartmode"):
+        indexed[n] = lambda first: first.lower() in ("server", "client", "tcpserver", "tcpclient", "file")
+    if v7:  # new in 7.0, both spellings (docs/virtualbox.md §1, §2.2)
         indexed["--nat-localhostreachable"] = indexed["--natlocalhostreachable"] = True
-    if version_tuple() >= (7, 2):  # only in the 2025 man page (§1)
+    if version_tuple() >= (7, 2):  # only in the 2025 man page (docs/virtualbox.md §1, §6.2)
         indexed["--nat-enable-tftp"] = True
     return plain, indexed
 
@@ -426,7 +445,8 @@ _CANON = {"--os-type": "--ostype", "--rtc-use-utc": "--rtcuseutc", "--nic-type":
           "--nat-network": "--natnetwork", "--mac-address": "--macaddress", "--nat-pf": "--natpf",
           "--nat-net": "--natnet", "--nat-tftp-prefix": "--nattftpprefix", "--nat-tftp-file": "--nattftpfile",
           "--nat-tftp-server": "--nattftpserver", "--nat-dns-host-resolver": "--natdnshostresolver",
-          "--nic-boot-prio": "--nicbootprio", "--nat-localhostreachable": "--natlocalhostreachable"}
+          "--nic-boot-prio": "--nicbootprio", "--nat-localhostreachable": "--natlocalhostreachable",
+          "--uart-mode": "--uartmode"}
 
 
 def cmd_modifyvm(reg, args):
@@ -496,6 +516,23 @@ def cmd_modifyvm(reg, args):
             nic["bootprio"] = int(value)
         elif name == "--natpf":
             nic.setdefault("natpf", []).append(value)
+        elif name == "--uart":
+            if slot > 4:
+                raise Syntax(f"Invalid index {slot} for {name} [stand-in wording]")
+            uart = vm.setdefault("uarts", {}).setdefault(str(slot), {})
+            if isinstance(value, tuple):
+                try:
+                    iobase, irq = int(value[0], 0), int(value[1])
+                except ValueError:
+                    raise Failure(f"Error parsing UART I/O base '{value[0]}'", "E_INVALIDARG") from None
+                uart.update(enabled=True, iobase=iobase, irq=irq)
+            else:
+                uart["enabled"] = False
+        elif name == "--uartmode":
+            if slot > 4:
+                raise Syntax(f"Invalid index {slot} for {name} [stand-in wording]")
+            uart = vm.setdefault("uarts", {}).setdefault(str(slot), {})
+            uart["mode"] = list(value) if isinstance(value, tuple) else [value]
         else:  # adapters, networks, TFTP settings: stored as given
             nic[name.lstrip("-")] = value
     reg.save()
@@ -710,9 +747,51 @@ def cmd_startvm(reg, args):
                   and os.path.isfile(reg.data["media"][att["medium"]]["path"]) for att in vm["attachments"].values())
         disk = any(att["type"] == "hdd" for att in vm["attachments"].values())
         if os.path.isfile(loader) and dvd and disk:
-            vm["install_at"] = t + env_float("VBOX_STANDIN_INSTALL_SECONDS", 0.2)
+            console(vm, f"PXE boot: {os.path.basename(loader)} from the NAT TFTP server (10.0.2.4)")
+            fetched = fetch_kickstart(vm, prefix)
+            if fetched is True:
+                vm["install_at"] = t + env_float("VBOX_STANDIN_INSTALL_SECONDS", 0.2)
+                console(vm, "anaconda: kickstart fetched; installing")
+            else:  # the installer waits at its kickstart for ever (dracut keeps retrying)
+                console(vm, f"dracut-initqueue: Warning: failed to fetch kickstart from {fetched}")
     reg.save()
     print(f'VM "{vm["name"]}" has been successfully started.')
+
+
+def console(vm, line):
+    """What the guest writes to COM1, when --uart1 is on with --uart-mode1 file PATH (PortMode_RawFile)."""
+    uart = vm.get("uarts", {}).get("1", {})
+    mode = uart.get("mode", [])
+    if uart.get("enabled") and len(mode) == 2 and mode[0].lower() == "file":
+        with open(mode[1], "a") as fh:
+            fh.write(line + "\n")
+
+
+def fetch_kickstart(vm, tftp_prefix):
+    """The installer's first step: GET the ``inst.ks=`` URL of the PXE entry (pxelinux.cfg/default).
+    True if it answered 200, else the URL and why not. From the guest, 10.0.2.2 is the host; it reaches
+    the host's loopback only with --nat-localhostreachable1 on (VirtualBox 7 NAT, docs/virtualbox.md §6.1)."""
+    try:
+        with open(os.path.join(tftp_prefix, "pxelinux.cfg", "default")) as fh:
+            match = re.search(r"inst\.ks=(\S+)", fh.read())
+    except OSError:
+        match = None
+    if not match:
+        return "(no inst.ks= in pxelinux.cfg/default)"
+    url = match.group(1)
+    nic1 = vm["nics"]["1"]
+    if url.startswith("http://10.0.2.2:"):
+        if nic1.get("natlocalhostreachable") != "on":
+            return f"{url} (host loopback not reachable through NAT)"
+        url = "http://127.0.0.1:" + url[len("http://10.0.2.2:"):]
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            resp.read()
+            return True
+    except Exception as err:  # noqa: BLE001 - any failure leaves the installer waiting
+        return f"{match.group(1)} ({err})"
 
 
 def cmd_controlvm(reg, args):
@@ -950,7 +1029,7 @@ def cmd_unregistervm(reg, args):
 
 
 def guest_props(reg, vm):
-    """What Guest Additions in an installed, booted guest report (§7)."""
+    """What Guest Additions in an installed, booted guest report (docs/virtualbox.md §7)."""
     if vm["state"] != "running" or vm.get("install_at") or os.environ.get("VBOX_STANDIN_NO_GA"):
         return {}
     if not boots_installed_disk(reg, vm):

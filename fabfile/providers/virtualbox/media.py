@@ -3,7 +3,7 @@
 A VirtualBox image is installed like this: the VM PXE-boots from VirtualBox's built-in NAT TFTP
 server, which serves ``state/tftp/<image>/`` (the provider points ``--nat-tftp-prefix1`` at it);
 pxelinux loads the installer kernel and initrd taken from the ISO; the installer fetches
-``http://10.0.2.2:<nginx port>/ks/<image>.cfg`` (booted's nginx serves ``state/kickstart/``) and
+``http://10.0.2.2:<nginx port>/ks/<random>.cfg`` (booted's nginx serves it at a path drawn per build) and
 installs from the DVD attached to the VM (``cdrom``). Each VM has its own TFTP folder, so two
 builds can run at once, and nothing is copied by hand.
 
@@ -170,6 +170,34 @@ def kickstart_token(image: str, new: bool = False) -> str:
     if new or not path.exists():
         state.atomic_write(path, secrets.token_urlsafe(24) + "\n", mode=0o600)
     return path.read_text().strip()
+
+
+def check_kickstart_served(config, image: str, timeout: float = 5.0) -> str:
+    """Fetch the image's kickstart the way its installer will, and check it is the file booted wrote.
+
+    From the guest, NAT's 10.0.2.2 is this machine's loopback (``--nat-localhostreachable1``), so the URL
+    the VM uses is asked at 127.0.0.1 on the same port and path. Returns that URL; raises a one-line
+    BootedError saying what answered instead.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = kickstart_url(config, image)
+    local = url.replace(f"http://{NAT_HOST}:", "http://127.0.0.1:", 1)
+    try:
+        with urllib.request.urlopen(local, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as err:
+        raise BootedError(f"booted's nginx answers {local} with HTTP {err.code}, not the kickstart; "
+                          "run `fab restart-nginx`") from None
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise BootedError(f"nothing serves the kickstart at {local} ({reason}); the installer would stop there: "
+                          "start booted's nginx (fab restart-nginx)") from None
+    if hashlib.sha256(body).digest() != hashlib.sha256(kickstart_path(image).read_bytes()).digest():
+        raise BootedError(f"{local} answers with another file than {kickstart_path(image)}: is another "
+                          "booted's nginx on this port? (fab restart-nginx says who holds it)")
+    return url
 
 
 def _network_lines(image: str, nics: Sequence[str]) -> list[str]:
@@ -429,7 +457,10 @@ def find_pxelinux() -> tuple[Path, Path]:
 
 def pxelinux_config(config, image: str) -> str:
     """pxelinux.cfg/default: boot the installer at once with the image's kickstart; no menu, no password."""
-    args = f"initrd=el9/initrd.img ip=dhcp inst.repo=cdrom inst.ks={kickstart_url(config, image)} inst.text"
+    # console=ttyS0 last: the kernel's and the installer's output goes to the serial port, which the VM
+    # writes to a file on this machine (the build keeps it when an install fails).
+    args = (f"initrd=el9/initrd.img ip=dhcp inst.repo=cdrom inst.ks={kickstart_url(config, image)} inst.text "
+            "console=tty0 console=ttyS0,115200n8")
     return (
         f"# written by booted for {image}: install it with its kickstart\n"
         "DEFAULT install\n"

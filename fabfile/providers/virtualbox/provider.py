@@ -1,41 +1,44 @@
 """VirtualBox VMs as booted images: kickstart install over NAT TFTP PXE, linked clones, headless runs.
 
-Every VirtualBox fact used here is from /work/shared/reference/virtualbox.md (section numbers below).
-VMs live under ``<state>/virtualbox/<image>/`` and are addressed by UUID once created (§1). Install
+Every VirtualBox fact used here is in docs/virtualbox.md (section numbers below).
+VMs live under ``<state>/virtualbox/<image>/`` and are addressed by UUID once created (docs/virtualbox.md §1). Install
 media (ISO check, kickstart, per-VM TFTP folder) come from ``fabfile.providers.virtualbox.media``. Which image a linked clone
 hangs off is noted in ``<state>/virtualbox.json``, so deleting a clone's source is refused with a clear
 message. ``list()`` reports every registered VM, booted's or not.
 """
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import time
 import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fabfile.providers.virtualbox import media
-from fabfile.core import names
+from fabfile.core import localcmd, names
 from fabfile.core.errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from fabfile.core.output import progress, wait_until
-from fabfile.core.state import atomic_write_json, locked, read_json, state_dir
+from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
 from fabfile.providers.base import RUNNING, STOPPED, CloneRecord, Machine, Provider
 from fabfile.providers.virtualbox.vboxmanage import VBoxError, VBoxManage, guest_addresses, mac_colon, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names
 
 if TYPE_CHECKING:
     from fabfile.core.config import Config, Environment
 
-SNAPSHOT = "booted-base"          # the snapshot of a source image that its linked clones share (§5)
+SNAPSHOT = "booted-base"          # the snapshot of a source image that its linked clones share (docs/virtualbox.md §5)
 CONTROLLER = "SATA"
 DISK_PORT, DVD_PORT = 0, 1
-FALLBACK_OS_TYPE = "RedHat_64"    # generic ID older VirtualBox versions have (§2.1)
+FALLBACK_OS_TYPE = "RedHat_64"    # generic ID older VirtualBox versions have (docs/virtualbox.md §2.1)
 NIC_SLOTS = 8
 POWEROFF_TIMEOUT_S = 60           # `controlvm poweroff` pulls the plug; this only covers a very busy host
-# States in which a VM holds no running process: safe to delete, nothing to stop (§3.4 state names).
+# States in which a VM holds no running process: safe to delete, nothing to stop (docs/virtualbox.md §3.4).
 STOPPED_STATES = {"poweroff", "aborted", "saved", "aborted-saved", "teleported"}
 STARTABLE_STATES = {"poweroff", "aborted", "saved", "aborted-saved"}
 FAILED_STATES = {"aborted", "aborted-saved", "gurumeditation"}
 
-# 7.x spells modifyvm options with hyphens; 7.1 still parses the older names (§1, §2.2). Older versions
+# 7.x spells modifyvm options with hyphens; 7.1 still parses the older names (docs/virtualbox.md §1, §2.2). Older versions
 # only know the older names, so pick by version.
 _LEGACY_SPELLING = {
     "--nic-type": "--nictype",
@@ -46,6 +49,7 @@ _LEGACY_SPELLING = {
     "--nat-tftp-file": "--nattftpfile",
     "--nic-boot-prio": "--nicbootprio",
     "--rtc-use-utc": "--rtcuseutc",
+    "--uart-mode": "--uartmode",
 }
 
 
@@ -57,11 +61,11 @@ def _opt(name: str, version: tuple[int, ...], slot: int | None = None) -> str:
 # --------------------------------------------------------------------------- command plans (pure)
 def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...], tftp_dir: str,
                   boot_file: str) -> list[str]:
-    """The one ``modifyvm`` call that sets up a new VM for a PXE kickstart install (§2.2, §6, §11).
+    """The one ``modifyvm`` call that sets up a new VM for a PXE kickstart install (docs/virtualbox.md §2.2, §6, §11).
 
     NIC 1: NAT, whose built-in TFTP server serves ``tftp_dir`` and whose DHCP offers ``boot_file`` (relative
-    to ``tftp_dir``, §6.2); through it the installer fetches its kickstart from the host's nginx at 10.0.2.2,
-    which on 7.0+ needs ``--nat-localhostreachable1`` (§6.1). NIC 2: host-only, where booted reaches the host.
+    to ``tftp_dir``, docs/virtualbox.md §6.2); through it the installer fetches its kickstart from the host's nginx at 10.0.2.2,
+    which on 7.0+ needs ``--nat-localhostreachable1`` (docs/virtualbox.md §6.1). NIC 2: host-only, where booted reaches the host.
     """
     v = version
     argv = [
@@ -79,7 +83,7 @@ def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...
     if v >= (7, 0):
         argv += ["--nat-localhostreachable1", "on"]
     if v >= (7, 2):
-        # 7.2's NAT engine has a TFTP switch whose default was not established (§6.2): set it.
+        # 7.2's NAT engine has a TFTP switch whose default was not established (docs/virtualbox.md §6.2): set it.
         argv += ["--nat-enable-tftp1", "on"]
     argv += [
         "--nic2", "hostonly", _opt("--host-only-adapter", v, 2), settings["hostonly_adapter"],
@@ -89,7 +93,7 @@ def hardware_argv(target: str, settings: dict[str, Any], version: tuple[int, ...
 
 
 def storage_argvs(target: str, disk: str, disk_mb: int, iso: str) -> list[list[str]]:
-    """Controller, new disk, disk attachment, install DVD attachment (§2.3)."""
+    """Controller, new disk, disk attachment, install DVD attachment (docs/virtualbox.md §2.3)."""
     return [
         ["storagectl", target, "--name", CONTROLLER, "--add", "sata", "--controller", "IntelAhci",
          "--portcount", "2", "--bootable", "on"],
@@ -101,11 +105,18 @@ def storage_argvs(target: str, disk: str, disk_mb: int, iso: str) -> list[list[s
     ]
 
 
+def console_argv(target: str, console_file: str, version: tuple[int, ...]) -> list[str]:
+    """COM1 (I/O 0x3F8, IRQ 4) written to ``console_file`` on this machine: the installer's console output
+    (its kernel line says console=ttyS0). VBoxManage modifyvm ``--uartN IOBASE IRQ`` and
+    ``--uart-modeN file PATH`` (older spelling ``--uartmodeN``), from VirtualBox's modifyvm option table."""
+    return ["modifyvm", target, "--uart1", "0x3F8", "4", _opt("--uart-mode", version, 1), "file", console_file]
+
+
 def after_install_argvs(target: str, version: tuple[int, ...] = (7, 1)) -> list[list[str]]:
-    """Boot from disk from now on (no PXE reinstall loop, §11), remove the install DVD (§2.3), and
-    close NAT's way to this machine's loopback: only the installer needed it (for the kickstart)."""
+    """Boot from disk from now on (no PXE reinstall loop, docs/virtualbox.md §11), no console file, remove
+    the install DVD, and close NAT's way to this machine's loopback: only the installer needed it."""
     return [
-        ["modifyvm", target, "--boot1", "disk", "--boot2", "none",
+        ["modifyvm", target, "--boot1", "disk", "--boot2", "none", "--uart1", "off",
          *(["--nat-localhostreachable1", "off"] if version >= (7, 0) else [])],
         ["storageattach", target, "--storagectl", CONTROLLER, "--port", str(DVD_PORT), "--device", "0",
          "--medium", "none"],
@@ -113,7 +124,7 @@ def after_install_argvs(target: str, version: tuple[int, ...] = (7, 1)) -> list[
 
 
 def clone_argvs(source: str, new: str, new_uuid: str, basefolder: str, version: tuple[int, ...]) -> list[list[str]]:
-    """Linked clone of ``source``'s snapshot, then fresh MACs on both NICs (§5.2, §2.2)."""
+    """Linked clone of ``source``'s snapshot, then fresh MACs on both NICs (docs/virtualbox.md §5.2, §2.2)."""
     return [
         ["clonevm", source, "--snapshot", SNAPSHOT, "--options", "link", "--name", new,
          "--uuid", new_uuid, "--basefolder", basefolder, "--register"],
@@ -153,10 +164,14 @@ def _reason(err: BaseException) -> str:
 # --------------------------------------------------------------------------- the provider
 class VirtualBoxProvider(Provider):
     name = "virtualbox"
+    build_needs_endpoint = True  # the installer fetches its kickstart from booted's nginx
 
     def __init__(self, config: "Config", vbox: VBoxManage | None = None):
         super().__init__(config)
         self.vbox = vbox or VBoxManage()
+
+    def installed(self) -> bool:
+        return localcmd.which(self.vbox.executable) is not None
 
     # ----------------------------------------------------------------- paths and clone notes
     @staticmethod
@@ -164,6 +179,11 @@ class VirtualBoxProvider(Provider):
         path = state_dir() / "virtualbox"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @staticmethod
+    def console_file(image: str) -> Path:
+        """Where a VM being installed writes its serial console (outside its folder: deleting the VM keeps it)."""
+        return state_path("virtualbox-console", f"{names.check('image', image)}.log")
 
     @staticmethod
     def _notes_path() -> Path:
@@ -182,7 +202,7 @@ class VirtualBoxProvider(Provider):
 
     # ----------------------------------------------------------------- reading VirtualBox
     def _registered(self) -> dict[str, str]:
-        """name -> UUID of every registered VM (``list vms``, §3.3)."""
+        """name -> UUID of every registered VM (``list vms``, docs/virtualbox.md §3.3)."""
         return {name: uuid for name, uuid in parse_list_vms(self.vbox.run("list", "vms").stdout)}
 
     def _info(self, target: str, image: str, missing_ok: bool = False) -> dict[str, str] | None:
@@ -197,7 +217,7 @@ class VirtualBoxProvider(Provider):
         return parse_machinereadable(out.stdout)
 
     def _guest_props(self, target: str, image: str) -> dict[str, str]:
-        """The guest's network properties (Guest Additions report them, §7); empty if there are none."""
+        """The guest's network properties (Guest Additions report them, docs/virtualbox.md §7); empty if there are none."""
         try:
             out = self.vbox.run("guestproperty", "enumerate", target, "/VirtualBox/GuestInfo/Net/*", image=image)
         except VBoxError as err:
@@ -212,7 +232,7 @@ class VirtualBoxProvider(Provider):
         return machine_from_info(info, props)
 
     def _require(self, image: str) -> tuple[str, dict[str, str]]:
-        """(UUID, showvminfo) of a registered image; every command takes a name as well as a UUID (§1)."""
+        """(UUID, showvminfo) of a registered image; every command takes a name as well as a UUID (docs/virtualbox.md §1)."""
         names.check("image", image)
         info = self._info(image, image)
         return info.get("UUID", image), info
@@ -226,7 +246,7 @@ class VirtualBoxProvider(Provider):
     def list(self) -> list[Machine]:
         machines = []
         for name, uuid in parse_list_vms(self.vbox.run("list", "vms").stdout):
-            # None: deleted by someone else between `list vms` and `showvminfo` (Vagrant ignores these, §10).
+            # None: deleted by someone else between `list vms` and `showvminfo` (Vagrant ignores these, docs/virtualbox.md §10).
             info = self._info(uuid, name, missing_ok=True)
             if info is not None:
                 info.setdefault("name", name)
@@ -264,7 +284,7 @@ class VirtualBoxProvider(Provider):
                           keypath="providers.virtualbox.os_type")
 
     def _check_hostonly(self) -> None:
-        """NIC 2's host-only interface exists and has host_address, the address hosts call home to (§9.1)."""
+        """NIC 2's host-only interface exists and has host_address, the address hosts call home to (docs/virtualbox.md §9.1)."""
         adapter, address = self.settings["hostonly_adapter"], self.settings["host_address"]
         interfaces = {b.get("Name", ""): b for b in parse_hostonlyifs(self.vbox.run("list", "hostonlyifs").stdout)}
         ipconfig = f"`VBoxManage hostonlyif ipconfig {adapter} --ip {address} --netmask 255.255.255.0`"
@@ -299,10 +319,16 @@ class VirtualBoxProvider(Provider):
                     raise ProviderError("already exists; delete it first (fab image-del --image NAME)", image=image)
                 tftp_dir = Path(media.stage_install(self.config, env, image))
                 made["staged"] = True
+                # The installer stops for good if its inst.ks URL does not answer: check it before any VM exists.
+                url = media.check_kickstart_served(self.config, image)
+                progress(f"{image}: booted's nginx serves its kickstart at {url}")
                 self.vbox.run("createvm", "--name", image, "--ostype", os_type, "--basefolder", str(base),
                               "--uuid", vm_uuid, "--register", image=image)
                 made["vm"] = True
             self.vbox.run(*hardware_argv(vm_uuid, self.settings, version, str(tftp_dir), media.BOOT_FILE), image=image)
+            console = self.console_file(image)
+            console.unlink(missing_ok=True)
+            self.vbox.run(*console_argv(vm_uuid, str(console), version), image=image)
             ctl, mkdisk, attach_disk, attach_dvd = storage_argvs(
                 vm_uuid, disk, self.settings["disk_mb"], str(media.iso_path(self.config)))
             self.vbox.run(*ctl, image=image)
@@ -317,8 +343,7 @@ class VirtualBoxProvider(Provider):
             installed = self._wait_state(
                 vm_uuid, image, done=lambda s: s == "poweroff", timeout=timeout,
                 what="to finish installing (the kickstart powers it off)", fail=FAILED_STATES,
-                hint=f"see its console or {base / image / 'Logs'}; raise providers.virtualbox.build_timeout_s "
-                     "if the install is only slow")
+                hint="raise providers.virtualbox.build_timeout_s if the install is only slow")
             for argv in after_install_argvs(vm_uuid, version):
                 self.vbox.run(*argv, image=image)
         except (BootedError, KeyboardInterrupt) as err:
@@ -331,20 +356,23 @@ class VirtualBoxProvider(Provider):
                                 result=getattr(err, "result", None)) from None
         # The kickstart holds the host's call-home key: it must not stay downloadable once installed.
         media.unstage_install(image)
+        self.console_file(image).unlink(missing_ok=True)
         return self._machine(vm_uuid, image, installed)
 
     def _undo_build(self, image: str, vm_uuid: str, made: dict[str, bool], disk: str) -> str:
-        """Remove what a failed build made; say what is left, and how to remove it, if that fails."""
+        """Remove what a failed build made, after keeping its diagnostics; say where they are and what is
+        left (with the command that removes it) if removal fails."""
         media.unstage_install(image)
         if not made["vm"]:
             return "nothing was created"
-        progress(f"{image}: build failed; removing the half-built VM")
+        progress(f"{image}: build failed; keeping its logs, then removing the half-built VM")
         left = []  # what could not be removed, each with the command that removes it
         try:
             if self._info(vm_uuid, image).get("VMState", "") not in STOPPED_STATES:
                 self._poweroff(vm_uuid, image)
         except BootedError as err:
             left.append(f"the VM is still running ({_reason(err)}): VBoxManage controlvm {vm_uuid} poweroff")
+        kept = self._keep_diagnostics(image, vm_uuid)
         if made["disk"] and not made["disk_attached"]:  # an attached disk goes with unregistervm --delete
             try:
                 self.vbox.run("closemedium", "disk", disk, "--delete", image=image)
@@ -354,9 +382,30 @@ class VirtualBoxProvider(Provider):
             self.vbox.run("unregistervm", vm_uuid, "--delete", image=image)
         except BootedError as err:
             left.append(f"VM {vm_uuid} ({_reason(err)}): VBoxManage unregistervm {vm_uuid} --delete")
-        if left:
-            return "could not remove all of the half-built VM; left: " + "; ".join(left)
-        return "removed the half-built VM"
+        said = "could not remove all of the half-built VM; left: " + "; ".join(left) if left \
+            else "removed the half-built VM"
+        return f"{said}; its logs and console output are kept in {kept}" if kept else said
+
+    def _keep_diagnostics(self, image: str, vm_uuid: str) -> Path | None:
+        """Copy the VM's log folder (VBox.log*, ``LogFldr`` in showvminfo) and its serial console into
+        ``<state>/diagnostics/<image>-<time>/`` before ``unregistervm --delete`` removes them."""
+        try:
+            info = self._info(vm_uuid, image, missing_ok=True) or {}
+        except BootedError:
+            info = {}
+        logs = Path(info["LogFldr"]) if info.get("LogFldr") else self.basefolder() / image / "Logs"
+        console = self.console_file(image)
+        if not logs.is_dir() and not console.exists():
+            return None
+        dest = state_path("diagnostics", f"{image}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", ".keep").parent
+        try:
+            if logs.is_dir():
+                shutil.copytree(logs, dest / "Logs", dirs_exist_ok=True)
+            if console.exists():
+                shutil.move(str(console), dest / "console.log")
+        except OSError as err:
+            progress(f"{image}: could not keep all of its logs ({err})")
+        return dest
 
     # ----------------------------------------------------------------- clone
     def clone(self, source: str, new: str, env: "Environment | None") -> Machine:
@@ -409,7 +458,7 @@ class VirtualBoxProvider(Provider):
         try:
             out = self.vbox.run("snapshot", target, "list", "--machinereadable", image=image)
         except VBoxError as err:
-            # A VM without snapshots makes `snapshot list` fail saying it "does not have" any (§5.1).
+            # A VM without snapshots makes `snapshot list` fail saying it "does not have" any (docs/virtualbox.md §5.1).
             result = err.result
             if result is not None and "does not have" in (result.stdout + result.stderr):
                 return []
@@ -475,6 +524,6 @@ class VirtualBoxProvider(Provider):
 
 
 def _started(result) -> bool:
-    """startvm succeeded if it says so, whatever its exit code (Vagrant's rule, §3.1)."""
+    """startvm succeeded if it says so, whatever its exit code (Vagrant's rule, docs/virtualbox.md §3.1)."""
     return 'has been successfully started' in result.stdout
 PROVIDER = VirtualBoxProvider

@@ -1,19 +1,21 @@
 """VBoxManage: the command wrapper and pure parsers for its output.
 
 Everything VirtualBox-specific about *talking to* VBoxManage lives here; what to ask it lives in
-``provider.py``. Facts used (sources in /work/shared/reference/virtualbox.md):
+``provider.py``. Facts used (sources in docs/virtualbox.md):
 
 * Failure is a non-zero exit **or** a ``VBoxManage: error:`` line on stderr, even at exit 0, as Vagrant and
-  Packer treat it (§1). The first such line is the message; ``Details: code NAME (0x...)`` names the code.
-* Output is translated, so every call runs with ``LANG=C LC_ALL=C`` (§1).
+  Packer treat it (docs/virtualbox.md §1). The first such line is the message; ``Details: code NAME (0x...)`` names the code.
+* Output is translated, so every call runs with ``LANG=C LC_ALL=C`` (docs/virtualbox.md §1).
 * Session-lock errors (``VBOX_E_INVALID_OBJECT_STATE``, "is already locked") are transient right after a VM
-  powers off or while another client holds the VM; they are retried with bounded backoff (§10).
+  powers off or while another client holds the VM; they are retried for up to a minute per call (Packer allows
+  five minutes), with exponential backoff and jitter, so a busy VirtualBox delays a build instead of failing it.
 * ``showvminfo --machinereadable`` quotes values (and keys that contain ``=``) and backslash-escapes ``"`` and
-  ``\\`` inside them; some numeric values are unquoted (§3.4).
+  ``\\`` inside them; some numeric values are unquoted (docs/virtualbox.md §3.4).
 """
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -32,11 +34,15 @@ INSTALL_HINT = (
 
 # No single call should take longer (a full clone of a big disk is the slowest); a hung VBoxSVC fails here.
 COMMAND_TIMEOUT_S = 900
-# Retries of session-lock errors: attempts in all, and the first delay (doubled each time, capped).
-RETRY_ATTEMPTS = 5
+# Retries of session-lock errors: for up to RETRY_WINDOW_S per call; the first delay doubles each time up to
+# RETRY_DELAY_CAP_FACTOR times itself, and each wait is drawn from [delay/2, delay] (jitter) so that two
+# booted processes waiting on one VM do not retry in step. With the defaults a call gets at least 15 attempts
+# (even if every wait is the longest): at a 30% lock-error rate it gives up with probability 0.3**15 (~1e-8).
+RETRY_WINDOW_S = 60.0
+RETRY_WINDOW_ENV = "BOOTED_VBOX_RETRY_WINDOW"
 RETRY_DELAY_ENV = "BOOTED_VBOX_RETRY_DELAY"
-RETRY_DELAY_DEFAULT = 1.0
-RETRY_DELAY_CAP = 10.0
+RETRY_DELAY_DEFAULT = 0.5
+RETRY_DELAY_CAP_FACTOR = 10.0
 
 _ERROR_LINE = re.compile(r"^VBoxManage(?:\.exe)?: error: (.*)$", re.M)
 _ERROR_CODE = re.compile(r"code (\w+) \((0x[0-9a-fA-F]+)\)")
@@ -146,14 +152,14 @@ def parse_guestproperties(text: str) -> dict[str, str]:
 
 
 _NET_IP = re.compile(r"^/VirtualBox/GuestInfo/Net/(\d+)/V4/IP$")
-# The per-VM NAT network of NIC 1 (reference §6.1): every VM is 10.0.2.15 there, unreachable from the host.
+# The per-VM NAT network of NIC 1 (docs/virtualbox.md §6.1): every VM is 10.0.2.15 there, unreachable from the host.
 _NAT_PREFIX = "10.0.2."
 
 
 def guest_addresses(props: dict[str, str]) -> list[str]:
     """IPv4 addresses the guest reports, in its interface order, without the NAT-only address.
 
-    Drops ``0.0.0.0`` and addresses ending in ``.1`` as Vagrant does (§7: a DHCP server's address).
+    Drops ``0.0.0.0`` and addresses ending in ``.1`` as Vagrant does (a DHCP server's address; docs/virtualbox.md §7).
     """
     found = []
     for key, value in props.items():
@@ -229,28 +235,44 @@ class VBoxError(ProviderError):
         return self.code == "VBOX_E_OBJECT_NOT_FOUND"
 
 
-def retry_delay() -> float:
-    raw = os.environ.get(RETRY_DELAY_ENV, "")
+def _seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
     if not raw:
-        return RETRY_DELAY_DEFAULT
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if value < 0:
-        raise UsageError(f"{RETRY_DELAY_ENV}={raw!r}: must be a number of seconds (0 or more)")
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{name}={raw!r}: must be a number of seconds (0 or more)")
     return value
+
+
+def retry_delay() -> float:
+    return _seconds_from_env(RETRY_DELAY_ENV, RETRY_DELAY_DEFAULT)
+
+
+def retry_window() -> float:
+    return _seconds_from_env(RETRY_WINDOW_ENV, RETRY_WINDOW_S)
+
+
+def backoff(attempt: int, delay: float, rng: random.Random) -> float:
+    """The wait before retry number ``attempt`` (1 = the first retry): doubling, capped, with jitter."""
+    ceiling = min(delay * 2 ** (attempt - 1), delay * RETRY_DELAY_CAP_FACTOR)
+    return rng.uniform(ceiling / 2, ceiling)
 
 
 class VBoxManage:
     """Runs VBoxManage with argument lists; raises ``VBoxError`` with VirtualBox's one-line message."""
 
-    def __init__(self, executable: str = EXECUTABLE, *, attempts: int = RETRY_ATTEMPTS,
-                 delay: float | None = None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, executable: str = EXECUTABLE, *, window: float | None = None,
+                 delay: float | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
         self.executable = executable
-        self.attempts = attempts
+        self.window = retry_window() if window is None else window
         self.delay = retry_delay() if delay is None else delay
-        self.sleep = sleep
+        self.sleep, self.clock = sleep, clock
+        self.rng = rng or random.Random()
         self._version: tuple[int, ...] | None = None
         self._checked = False
 
@@ -269,6 +291,7 @@ class VBoxManage:
         self._check_installed()
         argv = [self.executable, *[str(a) for a in args]]
         attempt = 1
+        give_up_at = self.clock() + self.window
         while True:
             try:
                 result = localcmd.run(argv, check=False, env=LOCALE_ENV, timeout=COMMAND_TIMEOUT_S)
@@ -282,16 +305,17 @@ class VBoxManage:
                 failure = VBoxFailure(detail[-1].strip() if detail else f"exit status {result.returncode}")
             if failure is None or (success is not None and success(result)):
                 return result
-            if retry and failure.retryable and attempt < self.attempts:
-                wait = min(self.delay * 2 ** (attempt - 1), RETRY_DELAY_CAP)
-                progress(f"VirtualBox: {image or args[0]} is locked ({failure.code or 'busy'}); "
-                         f"retrying in {wait:g}s (attempt {attempt + 1} of {self.attempts})")
+            wait = backoff(attempt, self.delay, self.rng)
+            if retry and failure.retryable and self.clock() + wait <= give_up_at:
+                if attempt == 1 or wait >= 2:  # one line per locked call, then only for the long waits
+                    progress(f"VirtualBox: {image or args[0]} is locked ({failure.code or 'busy'}); "
+                             f"retrying in {wait:.2g}s (attempt {attempt + 1}, for up to {self.window:g}s)")
                 self.sleep(wait)
                 attempt += 1
                 continue
             where = f"VBoxManage {args[0]}" if args else "VBoxManage"
             code = f" [{failure.code}]" if failure.code else ""
-            tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+            tries = f" (after {attempt} attempts in {self.window:g}s)" if attempt > 1 else ""
             raise VBoxError(f"{where}: {failure.message}{code}{tries}", image=image, result=result,
                             code=failure.code, vbox_message=failure.message)
 
