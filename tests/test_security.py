@@ -722,3 +722,21 @@ def test_monitor_once_fails_when_it_observed_nothing(world):
         assert mon.run(once=True) == 1
     finally:
         log.close()
+
+
+# --------------------------------------------------------------------------- 7: forged lines
+def test_forged_lines_never_touch_the_secret_files_per_line(world, monkeypatch):
+    """Finding 7: wrongly signed lines with 5,000 distinct names read each environment's secret once,
+    not once per name under a lock (the cost is measured by bench/forged_lines.py)."""
+    state, config, cfg = world
+    callhome.env_secret("prod")
+    reads = []
+    original = callhome.env_secret
+    monkeypatch.setattr(callhome, "env_secret", lambda env: reads.append(env) or original(env))
+    now = int(time.time())
+    lines = [call_line("prod", f"forged-{i}", "02:00:00:00:00:01", f"10.99.{i // 250}.{1 + i % 250}",
+                       ts=now, key="0" * 64).encode() for i in range(5000)]
+    lines += [call_line("prod", "prod-web1", "02:00:00:00:00:01", "10.98.0.1", ts=now, key="0" * 64).encode()] * 100
+    result = bootlog.parse_lines(lines, cfg, ())
+    assert result.calls == [] and result.skipped == {bootlog.UNKNOWN_IMAGE: 5000, bootlog.BAD_SIGNATURE: 100}
+    assert reads == ["prod"]
