@@ -163,7 +163,8 @@ def prepare(service: services.Service, version: str) -> Release:
     """Pack ``version`` from the service's repo and run its tests on the packed tree (once per commit)."""
     names.check("version", version)
     folder = state_path("releases", service.name, ".keep").parent
-    with locked(f"release-{service.name}"):
+    # held while another process packs and tests (fetch, then the test gate): wait that long
+    with locked(f"release-{service.name}", timeout=servicerepo.FETCH_TIMEOUT_S + service.test_timeout_s + 120):
         if services.uses_default_repo(service):
             servicerepo.ensure_local_repo(service)
         commit = servicerepo.resolve(service, version)

@@ -343,7 +343,7 @@ def _with_repo(service: Service, version: str, action):
             gitdir = _ensure_local_repo(service, rebuild=False)
             return action(gitdir, _commit(gitdir, version, repo))
     if is_url(repo):
-        with locked(f"repo-cache-{cache_dir(repo).stem}"):
+        with locked(f"repo-cache-{cache_dir(repo).stem}", timeout=FETCH_TIMEOUT_S + 60):  # another fetch
             gitdir = _mirror(service, repo)
             return action(gitdir, _commit(gitdir, version, display(repo)))
     gitdir = _local(service, repo)
