@@ -20,4 +20,11 @@ def lab(tmp_path_factory) -> Lab:
     try:
         yield the_lab
     finally:
-        the_lab.teardown()
+        # Hosts a test stopped (or powered off) must have left nothing: processes of a host whose
+        # nspawn is gone are such a leak. Then the teardown stops the rest; nothing may survive it.
+        orphans = the_lab.orphaned_processes()
+        survivors = the_lab.teardown()
+        report = [f"still running after its host was stopped: {p}" for p in orphans]
+        report += [f"still running after the lab's teardown: {p}" for p in survivors]
+        if report:
+            pytest.fail("processes of lab hosts were left behind (killed now):\n  " + "\n  ".join(report))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -144,40 +145,116 @@ class Lab:
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )
 
-    def teardown(self) -> None:
-        """Stop every container, namespace and nginx this lab started, and remove its bridge."""
-        hosts = self.state / "local" / "hosts"
-        pids = []
-        for folder in hosts.iterdir() if hosts.exists() else []:
-            try:
-                pid = int((folder / "nspawn.pid").read_text())
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except (OSError, ValueError):
-                continue
-            if b"systemd-nspawn" in cmd and str(self.state).encode() in cmd:
-                pids.append(pid)
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if process_alive(p)]
-            time.sleep(0.1)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        with self.activated():
-            from fabfile.providers.local import network as localnet
-            from fabfile.hosts import endpoint as nginxctl
+    def teardown(self) -> list["Leftover"]:
+        """Stop every host, namespace and nginx this lab started, and remove its bridge.
 
-            for folder in hosts.iterdir() if hosts.exists() else []:
+        Hosts are stopped through the provider's forced stop (it kills each host's cgroup and every
+        process on its overlay, and waits). Returns what of the lab's hosts still ran after that (a
+        failure of the stop), after killing it here as a last resort."""
+        hosts = self.state / "local" / "hosts"
+        problems = []
+        with self.activated():
+            from fabfile.hosts import endpoint as nginxctl
+            from fabfile.providers import get_provider, load_config
+            from fabfile.providers.local import network as localnet
+
+            try:
+                provider = get_provider("local", load_config(self.config_path))
+            except Exception as err:  # a test may have broken the lab's config; the kill below still runs
+                problems.append(f"lab config: {err}")
+                provider = None
+            for folder in sorted(hosts.iterdir()) if hosts.exists() else []:
+                if provider is not None and (folder / "host.json").exists():
+                    try:
+                        provider.stop(folder.name, force=True)
+                    except Exception as err:
+                        problems.append(f"{folder.name}: {err}")
                 localnet.host_down(localnet.HostLink.for_image(folder.name))
             localnet.remove_bridge(self.bridge)
             nginxctl.stop()
+        if problems:
+            print("lab teardown: " + "; ".join(problems), file=sys.stderr)
+        survivors = self.leftover_processes()
+        kill_processes(survivors)
         # processes the tests started on this machine (load generators, monitors) end with the session
+        return survivors
+
+    def leftover_processes(self, host: str | None = None) -> list["Leftover"]:
+        """What of this lab's hosts (or of ``host``) runs (see the module-level ``leftover_processes``)."""
+        return [p for p in leftover_processes(self.root) if host is None or p.host == host]
+
+    def orphaned_processes(self) -> list["Leftover"]:
+        """Processes of lab hosts whose systemd-nspawn is gone: what a stop that did not end its host leaves."""
+        found = self.leftover_processes()
+        supervised = {p.host for p in found if p.nspawn}
+        return [p for p in found if p.host not in supervised]
+
+
+@dataclass(frozen=True)
+class Leftover:
+    pid: int
+    host: str  # the host folder the process belongs to
+    command: str
+    nspawn: bool = False  # the host's systemd-nspawn itself (its root is the machine's)
+
+    def __str__(self) -> str:
+        return f"{self.host}: pid {self.pid} {self.command}"
+
+
+def _root_upperdir(pid: str) -> str | None:
+    """The overlay upper directory of a process's root file system (None: not an overlay, or gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    upper = None
+    for line in lines:
+        head, _, tail = line.partition(" - ")
+        fields, after = head.split(), tail.split()
+        if len(fields) > 4 and fields[4] == "/" and after[:1] == ["overlay"] and len(after) > 2:
+            for option in after[2].split(","):
+                if option.startswith("upperdir="):
+                    upper = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), option[9:])
+    return upper
+
+
+def leftover_processes(under: Path) -> list[Leftover]:
+    """Every live process on this machine that belongs to a host whose folder is below ``under``:
+    its root file system is that host's overlay, or it is a systemd-nspawn naming that folder.
+
+    Found by the process's root, not by its name: a host whose nspawn died keeps running as
+    systemd, sshd and the service. Read straight from /proc, independently of booted's own
+    containment code, so a test can hold that code to it."""
+    under_text = str(Path(under).resolve())
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid() or not process_alive(int(pid)):
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        command = b" ".join(argv).decode(errors="replace").strip()[:120]
+        upper = _root_upperdir(pid)
+        if upper and (upper + "/").startswith(under_text + "/"):
+            found.append(Leftover(int(pid), Path(upper).parent.name, command))
+        elif argv and argv[0].endswith(b"systemd-nspawn") and under_text.encode() in b" ".join(argv):
+            host = next((Path(a.decode(errors="replace")).parent.name for a in argv
+                         if a.startswith(b"--overlay=")), "?")
+            found.append(Leftover(int(pid), host, command, nspawn=True))
+    return found
+
+
+def kill_processes(leftovers: list[Leftover], timeout: float = 10) -> None:
+    """SIGKILL ``leftovers`` and wait until they are gone."""
+    for item in leftovers:
+        try:
+            os.kill(item.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(process_alive(item.pid) for item in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 LAB_CONFIG = """\
@@ -185,7 +262,7 @@ settings:
   nginx: {{port: {port}}}
   deploy: {{timeout_s: 60, parallel: 16}}
 providers:
-  local: {{bridge: {bridge}, subnet: {subnet}, boot_timeout_s: 60, stop_timeout_s: 20}}
+  local: {{bridge: {bridge}, subnet: {subnet}, boot_timeout_s: 60, stop_timeout_s: 20, memory_max: 768M, pids_max: 1024}}
 environments:
   lab:
     provider: local

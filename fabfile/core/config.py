@@ -225,6 +225,41 @@ def valid_sha256(value: Any) -> str | None:
     return "must be a SHA-256 hex digest (64 hex digits)"
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def size_limit(value: int | str) -> int | None:
+    """A limit as a number: ``1024``, ``"512M"``, ``"2G"`` (powers of 1024); ``"max"``: no limit (None).
+    Raises ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().lower() == "max":
+        return None
+    else:
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+        digits = text[: len(text) - len(unit)]
+        if not digits.isdigit():
+            raise ValueError(value)
+        number = int(digits) * _SIZE_UNITS[unit]
+    if number <= 0:
+        raise ValueError(value)
+    return number
+
+
+def valid_limit(minimum: int, example: str):
+    def check(value: Any) -> str | None:
+        try:
+            number = size_limit(value)
+        except ValueError:
+            return f"must be a positive number like {example}, or 'max' for no limit"
+        return None if number is None or number >= minimum else f"must be at least {minimum} (or 'max')"
+
+    return check
+
+
 def valid_ifname(value: Any) -> str | None:
     ok = 1 <= len(value) <= 15 and all(c.isalnum() or c in "-_" for c in value)
     return None if ok else "must be a network interface name (up to 15 letters, digits, '-', '_')"

@@ -118,6 +118,11 @@ def host_up(link: HostLink, bridge: str, subnet: Subnet, address: str, mac: str)
     apply(plan_host_up(link, bridge, subnet, address, mac))
 
 
+def host_present(link: HostLink) -> bool:
+    """Is any of the host's network plumbing (namespace or veth) there?"""
+    return os.path.exists(f"/run/netns/{link.netns}") or link_state(link.veth) is not None
+
+
 def host_down(link: HostLink) -> None:
-    if os.path.exists(f"/run/netns/{link.netns}") or link_state(link.veth) is not None:
+    if host_present(link):
         apply(plan_host_down(link), ignore_errors=True)

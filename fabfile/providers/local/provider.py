@@ -4,8 +4,12 @@
   cached read-only; ``image-build`` refreshes it when booted's recipe for it changes.
 * Each host (an "image" in booted's words) is a writable overlay over the base image, its own
   network namespace with its own IPv4 address on booted's bridge, and its hostname.
-* ``start`` runs ``systemd-nspawn --boot`` in the background and returns once SSH answers;
-  ``stop`` sends nspawn SIGTERM (an orderly poweroff inside) and waits with a timeout.
+* ``start`` runs ``systemd-nspawn --boot`` in the background, inside a cgroup subtree of the host's
+  own (see containment.py), and returns once SSH answers; ``stop`` sends nspawn SIGTERM (an orderly
+  poweroff inside), waits with a timeout, then kills whatever of the host is left and waits until
+  nothing is, and removes the host's network and cgroups.
+* ``start`` first cleans what a crashed run left of the host (processes, cgroups, network, overlay
+  work directory) and says so in one line.
 
 This machine's PID 1 is not systemd, hence ``--keep-unit --register=no``.
 """
@@ -30,7 +34,9 @@ from fabfile.core import names
 from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
+from fabfile.core.config import size_limit
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
+from fabfile.providers.local import containment
 from fabfile.core import ssh
 
 PACKAGES = [
@@ -116,6 +122,20 @@ class LocalHost:
     @property
     def link(self) -> localnet.HostLink:
         return localnet.HostLink.for_image(self.name)
+
+    @property
+    def cgroup_name(self) -> str:
+        """Its cgroups' name: the image and the same state-dir digest its network uses (unique per lab)."""
+        return f"{self.name}.{self.link.netns.removeprefix('booted-')}"
+
+    def overlay_workdirs(self) -> list[Path]:
+        """The overlay work directories nspawn makes next to the upper one (``.#upper<random>``)."""
+        return list(self.folder.glob(".#upper*"))
+
+    @property
+    def cgroups_record(self) -> Path:
+        """Where start records the cgroup directories it made (they depend on the caller's cgroups)."""
+        return self.folder / "cgroups.json"
 
 
 def host_folder(name: str) -> Path:
@@ -283,7 +303,7 @@ class LocalProvider(Provider):
         existing = read_json(host_folder(image) / "host.json")
         if existing:
             host = LocalHost(**existing)
-            if self._pid(host):
+            if self._running(host):
                 raise ProviderError("is running; stop it before rebuilding", image=image)
         else:
             host = self._new_host(image, env.name if env else None)
@@ -309,18 +329,22 @@ class LocalProvider(Provider):
                                  names.hostname_for(host.name)])
 
     def _run_in_host(self, host: LocalHost, argv: list[str]) -> None:
-        """Run a command in the host's file system (not booted), through its overlay."""
+        """Run a command in the host's file system (not booted), through its overlay, in the host's
+        cgroups; nothing of it outlives the call."""
         root = self.image_root()
-        localcmd.run(
-            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--private-network", "-D", str(root),
-             f"--overlay={root}:{host.upper}:/", "--", *argv],
-            timeout=120,
-        )
+        self._clean_stale(host)
+        cgroups = self._make_cgroups(host)
+        try:
+            localcmd.run(containment.enter_argv(cgroups, [
+                "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--private-network", "-D", str(root),
+                f"--overlay={root}:{host.upper}:/", "--", *argv]), timeout=120)
+        finally:
+            self._end(host, None, force=True)
 
     def clone(self, source: str, new: str, env) -> Machine:
         src = self._host(source)
         names.check("image", new)
-        if self._pid(src):
+        if self._running(src):
             raise ProviderError("is running; stop it before cloning", image=source)
         if read_json(host_folder(new) / "host.json"):
             raise ProviderError("already exists", image=new)
@@ -343,8 +367,14 @@ class LocalProvider(Provider):
         if self._pid(host):
             return self._machine(host)
         ensure_inotify_limits()
+        self._clean_stale(host)
         localnet.ensure_bridge(self.bridge, self.subnet)
-        localnet.host_up(host.link, self.bridge, self.subnet, host.address, host.mac)
+        try:
+            localnet.host_up(host.link, self.bridge, self.subnet, host.address, host.mac)
+            cgroups = self._make_cgroups(host)
+        except BaseException:
+            self._end(host, None, force=True)  # leave no half-made host behind
+            raise
         root = self.image_root()
         argv = [
             "systemd-nspawn", "--boot", "--quiet", "--keep-unit", "--register=no",
@@ -355,8 +385,9 @@ class LocalProvider(Provider):
         ]
         console = open(host.folder / "console.log", "wb")
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=localcmd.child_environ())
+            proc = subprocess.Popen(containment.enter_argv(cgroups, argv), stdin=subprocess.DEVNULL, stdout=console,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=localcmd.child_environ())
         finally:
             console.close()
         atomic_write(host.folder / "nspawn.pid", f"{proc.pid}\n")
@@ -376,20 +407,20 @@ class LocalProvider(Provider):
             wait_until(ssh_ready, timeout=timeout, what=f"{image} to answer on SSH ({host.address})", interval=0.1,
                        hint=f"see {host.folder / 'console.log'}")
         except BaseException:
-            self._terminate(host, proc.pid, force=True)
+            self._end(host, proc.pid, force=True)
             raise
         return self._machine(host)
 
     def stop(self, image: str, force: bool = False) -> Machine:
         host = self._host(image)
-        pid = self._pid(host)
-        if pid:
-            self._terminate(host, pid, force=force)
-        localnet.host_down(host.link)
+        self._end(host, self._pid(host), force=force)
         return self._machine(host)
 
-    def _terminate(self, host: LocalHost, pid: int, force: bool) -> None:
-        if not force:
+    def _end(self, host: LocalHost, pid: int | None, force: bool) -> list[str]:
+        """End every process of the host (``force``: at once; else an orderly poweroff first, killed
+        after stop_timeout_s), wait until none is left, then remove its network, cgroups and overlay
+        work directory. Returns, in words, what of the host it found and removed."""
+        if pid and not force:
             # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: an orderly poweroff.
             self._signal(pid, signal.SIGTERM)
             try:
@@ -397,12 +428,53 @@ class LocalProvider(Provider):
                            what=f"{host.name} to shut down", interval=0.05)
             except WaitTimeout:
                 progress(f"{host.name}: no clean shutdown within {self.settings['stop_timeout_s']}s; killing it")
-                force = True
-        if force:
-            self._signal(pid, signal.SIGKILL)
-            wait_until(lambda: not localcmd.process_alive(pid), timeout=10, what=f"{host.name} to be killed", interval=0.05)
-        (host.folder / "nspawn.pid").unlink(missing_ok=True)
+            pid = self._pid(host)  # still its nspawn, not a reused pid
+        processes = self._processes(host, pid)
+        network = localnet.host_present(host.link)
+        workdirs = host.overlay_workdirs()  # an orderly nspawn exit removes it; a killed one cannot
+        try:
+            killed = processes.kill()
+            cgroups = containment.remove_cgroups(processes.cgroups)
+        except containment.ContainmentError as err:
+            raise ProviderError(str(err), image=host.name) from err
         localnet.host_down(host.link)
+        for workdir in workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        (host.folder / "nspawn.pid").unlink(missing_ok=True)
+        host.cgroups_record.unlink(missing_ok=True)
+        removed = [f"{killed} process(es)" if killed else "", f"its cgroup in {cgroups} hierarchies" if cgroups else "",
+                   f"network namespace {host.link.netns}" if network else "",
+                   "overlay work directory" if workdirs else ""]
+        return [r for r in removed if r]
+
+    def _clean_stale(self, host: LocalHost) -> None:
+        """Remove what a crashed run left of a host whose nspawn is gone (processes, cgroups, network,
+        overlay work directory), saying in one line what was cleaned."""
+        cleaned = self._end(host, None, force=True)
+        if cleaned:
+            progress(f"{host.name}: cleaned up after an earlier run: {', '.join(cleaned)}")
+
+    def _make_cgroups(self, host: LocalHost) -> list[Path]:
+        limits = containment.Limits(memory_bytes=size_limit(self.settings["memory_max"]),
+                                    pids=size_limit(self.settings["pids_max"]))
+        try:
+            cgroups = containment.create_cgroups(host.cgroup_name, limits)
+        except containment.ContainmentError as err:
+            raise ProviderError(str(err), image=host.name) from err
+        atomic_write_json(host.cgroups_record, [str(c) for c in cgroups])
+        return cgroups
+
+    def _processes(self, host: LocalHost, pid: int | None = None) -> containment.HostProcesses:
+        """What of the host can run: the cgroups start recorded, the ones this caller would make, its
+        overlay, its nspawn."""
+        recorded = [Path(p) for p in read_json(host.cgroups_record, [])]
+        current = [containment.host_cgroup(h, host.cgroup_name) for h in containment.hierarchies()]
+        cgroups = list(dict.fromkeys(recorded + [c for c in current if c.exists()]))
+        return containment.HostProcesses(cgroups, host.upper, (pid,) if pid else ())
+
+    def _running(self, host: LocalHost, by_upper: dict[str, set[int]] | None = None) -> bool:
+        """Does any process of the host run (its nspawn, or anything left in its cgroups or on its overlay)?"""
+        return self._pid(host) is not None or bool(self._processes(host).running(by_upper))
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
@@ -413,18 +485,20 @@ class LocalProvider(Provider):
 
     def delete(self, image: str) -> None:
         host = self._host(image)
-        if self._pid(host):
+        if self._running(host):
             raise ProviderError("is running; stop it first", image=image)
-        localnet.host_down(host.link)
+        self._clean_stale(host)
         shutil.rmtree(host.folder)
         ssh.forget(host.address)
 
     def list(self) -> list[Machine]:
-        return [self._machine(h) for h in self._hosts()]
+        by_upper = containment.processes_by_upperdir()
+        return [self._machine(h, by_upper) for h in self._hosts()]
 
     # ------------------------------------------------------------------ helpers
-    def _machine(self, host: LocalHost) -> Machine:
-        running = self._pid(host) is not None
+    def _machine(self, host: LocalHost, by_upper: dict[str, set[int]] | None = None) -> Machine:
+        # Running while anything of it runs, even with its nspawn gone: a stop then ends the rest.
+        running = self._running(host, by_upper)
         return Machine(
             name=host.name, provider=self.name, state=RUNNING if running else STOPPED,
             macs=[host.mac], addresses=[host.address],

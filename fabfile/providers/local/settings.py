@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabfile.core.config import positive, valid_ifname, valid_network
+from fabfile.core.config import positive, valid_ifname, valid_limit, valid_network
 
 def valid_suite(value: Any) -> str | None:
     """A Debian suite name; it becomes a path under the image cache, so nothing like '../..'."""
@@ -18,4 +18,7 @@ SETTINGS = {
     "suite": ((str,), "bookworm", valid_suite),
     "boot_timeout_s": ((int, float), 60, positive),
     "stop_timeout_s": ((int, float), 30, positive),
+    # per host, in its own cgroup: a runaway host cannot take the machine's memory or PIDs
+    "memory_max": ((int, str), "1G", valid_limit(64 * 1024**2, "'1G' or '512M'")),
+    "pids_max": ((int, str), 2048, valid_limit(64, "2048")),
 }
