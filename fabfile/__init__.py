@@ -22,7 +22,8 @@ for _main in ("fabric.main", "invoke.main"):
 
 ns = Collection()
 for _task in (
-    envmanager.env_start_all, envmanager.env_start_min, envmanager.env_start_worker, envmanager.env_stop,
+    envmanager.env_start_all, envmanager.env_start_min, envmanager.env_start_worker, envmanager.env_stop_worker,
+    envmanager.env_stop,
     hostbuilder.image_build, hostbuilder.image_clone, hostbuilder.image_del, hostbuilder.image_list,
     hostbuilder.image_start, hostbuilder.image_stop,
     hostmanager.hosts_clear, hostmanager.hosts_filter, hostmanager.hosts_list, hostmanager.hosts_logged,

@@ -301,6 +301,14 @@ environments:
       workers: [drill-w1, drill-w2, drill-w3]
     service: hello
     version: v1
+  sat:
+    provider: local
+    images: [sat-lb, sat-w1, sat-w2, sat-w3]
+    roles:
+      loadbalancers: [sat-lb]
+      workers: [sat-w1, sat-w2, sat-w3]
+    service: hello
+    version: v1
   solo:
     provider: local
     images: [solo-box]

@@ -104,10 +104,13 @@ def test_load_balancer_config_marks_drained_workers_down_and_changes_its_id():
     env = load_config().env("local")
     a, b = loadbalancer.Upstream("10.77.0.2", 9999), loadbalancer.Upstream("10.77.0.3", 9999)
     text, cid = loadbalancer.render(env, [a, b])
-    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=5s;" in text
+    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=3s;" in text
+    assert "server 10.77.0.2:9999 backup max_fails=0;" in text
     assert f'return 200 "{cid}\\n";' in text
     drained, cid2 = loadbalancer.render(env, [loadbalancer.Upstream("10.77.0.2", 9999, down=True), b])
-    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=5s down;" in drained
+    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=3s down;" in drained
+    assert "server 10.77.0.2:9999 backup" not in drained   # a drained worker is no backup either
+    assert "server 10.77.0.3:9999 backup max_fails=0;" in drained
     assert cid2 != cid
     assert loadbalancer.render(env, [b, a]) == (text, cid)  # order does not matter
     empty, _ = loadbalancer.render(env, [])

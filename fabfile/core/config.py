@@ -497,6 +497,7 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
         min_workers=w["min"],
         max_workers=w["max"],
         lb_port=f["lb_port"],
-        monitor=MonitorSettings(**{k: (float(v) if isinstance(spec[k][1], float) else v) for k, v in mon.items()}),
+        monitor=MonitorSettings(**{k: (float(v) if isinstance(spec[k][1], float) else v)  # type: ignore[arg-type]
+                                   for k, v in mon.items()}),
         source=f"{chk.path}:{body.line}" if body.line else chk.path,
     )

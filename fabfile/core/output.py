@@ -10,12 +10,12 @@ from fabfile.core.errors import WaitTimeout
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], empty: str = "(none)") -> str:
     """A plain-text table with a header row; ``empty`` when there are no rows."""
-    rows = [["" if v is None else str(v) for v in row] for row in rows]
-    if not rows:
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    if not cells:
         return empty
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    for row in rows:
+    for row in cells:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
 

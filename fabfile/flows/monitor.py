@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from fabfile.flows import environment
 from fabfile.balancing import loadbalancer
@@ -270,7 +270,7 @@ class Signals:
     def __init__(self):
         self.received: list[str] = []
         self.in_step = False
-        self._saved: dict[int, object] = {}
+        self._saved: dict[int, Any] = {}  # signal.signal's previous handlers, whatever they were
 
     @property
     def stop_requested(self) -> bool:

@@ -105,6 +105,20 @@ readlink "/opt/booted/$svc/current" | sed 's#^releases/##'
 """
 
 
+# $1 port, $2 seconds. Wait until no TCP connection to the port is established (the load
+# balancers' nginx workers that still used this host are gone); print how many are left.
+WAIT_IDLE_SCRIPT = r"""
+set -eu
+port="$1"; tenths=$(( $2 * 10 ))
+while :; do
+  n=$(ss -Htn state established "( sport = :$port )" | wc -l)
+  if [ "$n" -eq 0 ] || [ "$tenths" -le 0 ]; then echo "$n"; exit 0; fi
+  tenths=$((tenths - 1))
+  sleep 0.1
+done
+"""
+
+
 @dataclass(frozen=True)
 class Release:
     """A packed, tested version of a service, ready to ship."""
@@ -219,6 +233,14 @@ def control(conn, service: services.Service, action: str, timeout: float) -> str
         wait_for_version(conn.host, service, version, timeout=timeout)
         return f"running {version}"
     return f"stopped ({version})"
+
+
+def wait_idle(conn, service: services.Service, seconds: int) -> int:
+    """Wait up to ``seconds`` until nobody is connected to the service on this host (a drained
+    worker's last requests are done); returns how many connections are still open."""
+    result = ssh.run(conn, ["sh", "-c", WAIT_IDLE_SCRIPT, "wait-idle", str(int(service.port)), str(int(seconds))],
+                     timeout=seconds + 30)
+    return int(result.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------- HTTP checks

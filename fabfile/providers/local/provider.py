@@ -423,8 +423,9 @@ class LocalProvider(Provider):
         if pid and not force:
             # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: an orderly poweroff.
             self._signal(pid, signal.SIGTERM)
+            nspawn = pid
             try:
-                wait_until(lambda: not localcmd.process_alive(pid), timeout=float(self.settings["stop_timeout_s"]),
+                wait_until(lambda: not localcmd.process_alive(nspawn), timeout=float(self.settings["stop_timeout_s"]),
                            what=f"{host.name} to shut down", interval=0.05)
             except WaitTimeout:
                 progress(f"{host.name}: no clean shutdown within {self.settings['stop_timeout_s']}s; killing it")
