@@ -740,3 +740,23 @@ def test_forged_lines_never_touch_the_secret_files_per_line(world, monkeypatch):
     result = bootlog.parse_lines(lines, cfg, ())
     assert result.calls == [] and result.skipped == {bootlog.UNKNOWN_IMAGE: 5000, bootlog.BAD_SIGNATURE: 100}
     assert reads == ["prod"]
+
+
+@pytest.mark.skipif(not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()), reason="nginx is not installed")
+def test_nginx_config_paths_are_quoted_and_syntax_in_them_refused(tmp_path, monkeypatch):
+    """Low: a state dir with a space works (nginx -t accepts the rendered config); a BOOTED_LOG that
+    would inject a location (`;}`) is refused with one line."""
+    from fabfile.core.errors import BootedError
+    from fabfile.hosts import endpoint as nginxctl
+
+    state = tmp_path / "my state"
+    monkeypatch.setenv("BOOTED_STATE_DIR", str(state))
+    config = tmp_path / "environments.yaml"
+    config.write_text(CONFIG)
+    cfg = load_config(config)
+    candidate = nginxctl.prefix() / "candidate.conf"
+    candidate.write_text(nginxctl.render(cfg))
+    nginxctl.check(candidate)
+    monkeypatch.setenv("BOOTED_LOG", str(tmp_path / "x.log booted; } location /etc/ { alias /etc/; } #"))
+    with pytest.raises(BootedError, match="cannot go into booted's nginx config"):
+        nginxctl.render(cfg)
