@@ -1,13 +1,13 @@
 """Hosts: the inventory learned from the booted log, SSH reachability, and booted's nginx."""
 from __future__ import annotations
 
-from fabfile.flows import discovery, environment
-from fabfile.hosts import inventory
-from fabfile.hosts import endpoint as nginxctl
 from fabfile.core import names, ssh
 from fabfile.core.errors import UsageError
-from fabfile.hosts.inventory import Inventory
 from fabfile.core.output import say
+from fabfile.flows import discovery, environment
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.hosts import inventory
+from fabfile.hosts.inventory import Inventory
 from fabfile.taskutil import confirm, load_config, task
 
 

@@ -18,11 +18,10 @@ from collections import Counter
 
 import pytest
 
-from fabfile.providers import load_config
-from fabfile.hosts import bootlog
-from fabfile.hosts import callhome
-from fabfile.hosts.bootlog import BootedLog, Call, parse_line
 from fabfile.core.errors import BootedError
+from fabfile.hosts import bootlog, callhome
+from fabfile.hosts.bootlog import BootedLog, Call, parse_line
+from fabfile.providers import load_config
 
 CONFIG = """\
 environments:

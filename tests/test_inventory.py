@@ -13,13 +13,13 @@ import time
 import pytest
 import yaml
 
-from fabfile.providers import load_config
+from fabfile.core.errors import ConfigError, UsageError
 from fabfile.hosts import inventory as inv_mod
 from fabfile.hosts.bootlog import Call
-from fabfile.core.errors import ConfigError, UsageError
 from fabfile.hosts.inventory import HostEntry, Inventory, render
-from fabfile.providers.base import CloneRecord
 from fabfile.hosts.reach import probe_ssh
+from fabfile.providers import load_config
+from fabfile.providers.base import CloneRecord
 
 CONFIG = """\
 environments:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -18,15 +18,12 @@ from pykickstart.errors import KickstartParseWarning
 from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
-from fabfile.providers import load_config
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.providers.virtualbox import media
-from fabfile.core import names
-from fabfile.core import ssh
-from fabfile.core import state
+from fabfile.core import localcmd, names, ssh, state
 from fabfile.core.errors import BootedError, ConfigError, UsageError
+from fabfile.hosts import callhome
 from fabfile.hosts.endpoint import kickstart_dir
+from fabfile.providers import load_config
+from fabfile.providers.virtualbox import media
 from tests.isofixture import DEFAULT_FILES, make_test_iso
 
 REPO_CONFIG = state.PROJECT_ROOT / "environments.yaml"

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 
+from fabfile.core import templates
+from fabfile.core.errors import BootedError, UsageError
+from fabfile.core.fanout import HostResult, fan_out, summary
+from fabfile.core.names import check
 from fabfile.providers import load_config
 from fabfile.providers.local import network as localnet
 from fabfile.services import release
-from fabfile.core import templates
-from fabfile.core.fanout import HostResult, fan_out, summary
-from fabfile.core.errors import BootedError
-from fabfile.core.names import check
-from fabfile.core.errors import UsageError
 
 SUBNET = localnet.Subnet.parse("10.77.0.0/24")
 LINK = localnet.HostLink(netns="booted-abc", veth="vbabc")

@@ -282,9 +282,9 @@ def test_tag_code_runs_unprivileged_without_secrets_or_state(spy_service, tmp_pa
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
 def test_the_test_time_limit_kills_the_whole_process_group(spy_service, tmp_path, monkeypatch):
-    from fabfile.services import repo as servicerepo
-
     import dataclasses
+
+    from fabfile.services import repo as servicerepo
 
     hanging = dataclasses.replace(spy_service, test_timeout_s=3.0, env={**spy_service.env, "SPY_HANG": "1"})
     before = set(_processes("300") + _processes("301"))

@@ -18,9 +18,10 @@ import dataclasses
 import ipaddress
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -81,15 +82,15 @@ def load_yaml(path: Path) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise ConfigError(str(path), f"not UTF-8 text (byte 0x{raw[err.start]:02x})", line=line) from None
+        raise ConfigError(str(path), f"not UTF-8 text (byte 0x{raw[err.start]:02x})",
+                          line=raw[:err.start].count(b"\n") + 1) from None
     try:
         loader = _Loader(text)  # the reader refuses a NUL or other unprintable character at once
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = getattr(err, "position", None)
-        line = mark.line + 1 if mark else (text[:where].count("\n") + 1 if isinstance(where, int) else None)
-        raise ConfigError(str(path), f"not valid YAML: {getattr(err, 'reason', None) or err}", line=line) from None
+        at: int | None = mark.line + 1 if mark else (text[:where].count("\n") + 1 if isinstance(where, int) else None)
+        raise ConfigError(str(path), f"not valid YAML: {getattr(err, 'reason', None) or err}", line=at) from None
     loader.name = str(path)
     try:
         return loader.get_single_data()
@@ -97,8 +98,8 @@ def load_yaml(path: Path) -> Any:
         raise
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark else None
-        raise ConfigError(str(path), f"not valid YAML: {err.problem or err.context}", line=line) from None
+        raise ConfigError(str(path), f"not valid YAML: {err.problem or err.context}",
+                          line=mark.line + 1 if mark else None) from None
     except yaml.YAMLError as err:
         raise ConfigError(str(path), f"not valid YAML: {err}") from None
     finally:

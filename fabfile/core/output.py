@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from fabfile.core.errors import WaitTimeout
 

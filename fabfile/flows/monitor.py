@@ -29,17 +29,30 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
-from fabfile.flows import environment
 from fabfile.balancing import loadbalancer
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError
-from fabfile.hosts.inventory import Inventory
-from fabfile.scaling.policy import ABANDON, DOWN, HOLD, REPLACE, UP, Decision, Observation, Policy, PolicyState, Sample, percentile
 from fabfile.core.state import atomic_write_json, locked, state_path
+from fabfile.flows import environment
+from fabfile.hosts.inventory import Inventory
+from fabfile.scaling.policy import (
+    ABANDON,
+    DOWN,
+    HOLD,
+    REPLACE,
+    UP,
+    Decision,
+    Observation,
+    Policy,
+    PolicyState,
+    Sample,
+    percentile,
+)
 
 STATE_VERSION = 1
 

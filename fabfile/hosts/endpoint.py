@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import hashlib
 import ipaddress
 import os
@@ -16,18 +17,16 @@ import signal
 import stat
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.core import templates
+from fabfile.core import localcmd, templates
 from fabfile.core.errors import BootedError
 from fabfile.core.output import progress
 from fabfile.core.state import PROJECT_ROOT, atomic_write, locked, state_dir, state_path
+from fabfile.hosts import callhome
 from fabfile.hosts.bootlog import control_addresses
-import grp
 
 TEMPLATE = PROJECT_ROOT / "nginx" / "booted.conf"
 
@@ -161,7 +160,7 @@ def status(config) -> NginxStatus:
 def check(conf: Path) -> None:
     result = localcmd.run([_nginx(), "-t", "-q", "-p", str(prefix()), "-c", str(conf)], check=False)
     if not result.ok:
-        lines = [l for l in result.stderr.strip().splitlines() if "emerg" in l or "error" in l] or result.stderr.strip().splitlines()
+        lines = [line for line in result.stderr.strip().splitlines() if "emerg" in line or "error" in line] or result.stderr.strip().splitlines()
         raise BootedError(f"nginx rejected the config {conf}: {lines[0] if lines else 'nginx -t failed'}")
 
 
@@ -200,7 +199,7 @@ def restart(config, rotate: bool = True, reach: Iterable[str] = ()) -> tuple[str
             if not started.ok:
                 if "Address already in use" in started.stderr:
                     raise BootedError(port_taken(config))
-                lines = [l for l in started.stderr.strip().splitlines() if "emerg" in l] or started.stderr.strip().splitlines()
+                lines = [line for line in started.stderr.strip().splitlines() if "emerg" in line] or started.stderr.strip().splitlines()
                 raise BootedError(f"nginx did not start: {lines[-1] if lines else f'exit {started.returncode}'}")
             action = "started"
         _wait_listening(config)

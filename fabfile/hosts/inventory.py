@@ -21,16 +21,17 @@ import json
 import re
 import shlex
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from fabfile.core import names
-from fabfile.hosts.bootlog import Call
 from fabfile.core.config import Config
 from fabfile.core.errors import BootedError, ConfigError, UsageError
 from fabfile.core.output import table
 from fabfile.core.state import atomic_write_json, dump_yaml, locked, state_path
+from fabfile.hosts.bootlog import Call
 
 FORMAT_VERSION = 1
 FORMATS = ("table", "json", "yaml", "ansible")
@@ -220,7 +221,7 @@ class Inventory:
         try:
             doc = json.loads(text)
         except ValueError as err:
-            raise _corrupt(where, f"not valid JSON ({err.msg})", line=getattr(err, "lineno", None)) from None
+            raise _corrupt(where, f"not valid JSON ({getattr(err, 'msg', err)})", line=getattr(err, "lineno", None)) from None
         if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION or not isinstance(doc.get("hosts"), dict):
             raise _corrupt(where, f'expected {{"version": {FORMAT_VERSION}, "hosts": {{...}}}}')
         return {image: _entry_from(where, image, body) for image, body in doc["hosts"].items()}

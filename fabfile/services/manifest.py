@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fabfile.core import names as names_mod
-from fabfile.core.config import REQUIRED, Checker, kind_of, load_yaml, valid_name, valid_port, positive
+from fabfile.core.config import REQUIRED, Checker, kind_of, load_yaml, positive, valid_name, valid_port
 from fabfile.core.errors import ConfigError, UsageError
 from fabfile.core.state import PROJECT_ROOT, state_path
 

@@ -18,14 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fabfile.core import names
-from fabfile.services import repo as servicerepo
-from fabfile.services import manifest as services
-from fabfile.core import ssh
-from fabfile.core.http import http_request
+from fabfile.core import names, ssh
 from fabfile.core.errors import BootedError, ConfigError, HostError
+from fabfile.core.http import http_request
 from fabfile.core.output import progress
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
+from fabfile.services import manifest as services
+from fabfile.services import repo as servicerepo
 
 REMOTE_ROOT = "/opt/booted"
 

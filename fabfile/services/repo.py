@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from fabfile.core import localcmd
-from fabfile.core import names
-from fabfile.services import manifest as services
-from fabfile.services import sandbox
+from fabfile.core import localcmd, names
 from fabfile.core.errors import BootedError, CommandError
 from fabfile.core.output import progress
-from fabfile.services.manifest import Service, default_repo, repo_for, uses_default_repo
 from fabfile.core.state import locked, state_path
+from fabfile.services import manifest as services
+from fabfile.services import sandbox
+from fabfile.services.manifest import Service, default_repo, repo_for, uses_default_repo
 
 IDENTITY = ["-c", "user.name=booted", "-c", "user.email=booted@localhost"]
 FIRST_DATE = 1483228800            # 2017-01-01T00:00:00Z, the original's year; each version a day later
@@ -115,7 +114,7 @@ def _repo_git(gitdir: Path) -> list[str]:
 # --------------------------------------------------------------------------- the default local repo
 def source_files(service: Service) -> list[Path]:
     """The files of the service folder that go into its repo (relative paths, sorted)."""
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(service.dir):
         rel_dir = Path(dirpath).relative_to(service.dir)
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP and not (rel_dir == Path(".") and d == "history"))
@@ -196,7 +195,7 @@ def _build(service: Service, tmp: Path) -> Path:
                     f"{_last_line(applied)}"
                 )
 
-    parent = None
+    parent: str | None = None
     for i, version in enumerate(service.versions):
         date = f"@{FIRST_DATE + i * 86400} +0000"
         dated = {**env, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
@@ -204,6 +203,8 @@ def _build(service: Service, tmp: Path) -> Path:
         args = [*in_repo, "commit-tree", trees[i], "-m", message] + (["-p", parent] if parent else [])
         parent = _git(args, cwd=work, env=dated, isolated=True).stdout.strip()
         _git([*in_repo, "tag", "--annotate", "--message", message, version, parent], cwd=work, env=dated, isolated=True)
+    if parent is None:
+        raise RepoError(f"{service.dir}: service.yaml declares no versions")
     _git(["--git-dir", str(bare), "update-ref", "refs/heads/main", parent], isolated=True)
     _git(["--git-dir", str(bare), "symbolic-ref", "HEAD", "refs/heads/main"], isolated=True)
     return bare

@@ -23,9 +23,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError

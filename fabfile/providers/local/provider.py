@@ -27,17 +27,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.providers.local import network as localnet
-from fabfile.core import names
+from fabfile.core import localcmd, names, ssh
+from fabfile.core.config import size_limit
 from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
-from fabfile.core.config import size_limit
+from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
 from fabfile.providers.local import containment
-from fabfile.core import ssh
+from fabfile.providers.local import network as localnet
 
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "curl", "iproute2", "sudo",

@@ -5,6 +5,7 @@ from typing import Any
 
 from fabfile.core.config import positive, valid_ifname, valid_limit, valid_network
 
+
 def valid_suite(value: Any) -> str | None:
     """A Debian suite name; it becomes a path under the image cache, so nothing like '../..'."""
     ok = 1 <= len(value) <= 32 and value.isascii() and value[0].isalpha() \

@@ -24,18 +24,15 @@ import shutil
 import string
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.core import names
-from fabfile.core import ssh
-from fabfile.core import state
+from fabfile.core import localcmd, names, ssh, state
 from fabfile.core.errors import BootedError, CommandError, ConfigError, UsageError
 from fabfile.core.output import progress
+from fabfile.hosts import callhome
 from fabfile.hosts.endpoint import kickstart_dir, share_with_workers
 
 # From inside a NAT guest VirtualBox's host is 10.0.2.2 (its built-in TFTP server is 10.0.2.4).
@@ -119,9 +116,10 @@ def _sha512_crypt(password: str) -> str:
         # The password goes on stdin: a command line is visible to every user in the process list.
         digest = localcmd.run(["openssl", "passwd", "-6", "-stdin"], input=password + "\n", timeout=30).stdout.strip()
     except CommandError as err:
-        digest = _python_crypt(password)
-        if digest is None:
+        fallback = _python_crypt(password)
+        if fallback is None:
             raise BootedError(f"cannot hash BOOTED_PW: {err} (install openssl)") from None
+        digest = fallback
     if not _SHA512_CRYPT.fullmatch(digest):
         raise BootedError("cannot hash BOOTED_PW: openssl passwd -6 gave no SHA-512 crypt hash (needs OpenSSL 1.1.1+)")
     return digest

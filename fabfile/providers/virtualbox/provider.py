@@ -9,22 +9,33 @@ message. ``list()`` reports every registered VM, booted's or not.
 from __future__ import annotations
 
 import builtins
-
 import os
 import shlex
 import shutil
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from fabfile.providers.virtualbox import media
 from fabfile.core import localcmd, names
 from fabfile.core.errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
 from fabfile.providers.base import RUNNING, STOPPED, CloneRecord, Machine, Provider
-from fabfile.providers.virtualbox.vboxmanage import VBoxError, VBoxManage, guest_addresses, mac_colon, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names
+from fabfile.providers.virtualbox import media
+from fabfile.providers.virtualbox.vboxmanage import (
+    VBoxError,
+    VBoxManage,
+    guest_addresses,
+    mac_colon,
+    parse_guestproperties,
+    parse_hostonlyifs,
+    parse_list_vms,
+    parse_machinereadable,
+    parse_ostypes,
+    parse_snapshot_names,
+)
 
 if TYPE_CHECKING:
     from fabfile.core.config import Config, Environment
@@ -457,7 +468,7 @@ class VirtualBoxProvider(Provider):
                   "macs": list(made.macs)}))
         return made
 
-    def clone_records(self) -> list[CloneRecord]:
+    def clone_records(self) -> builtins.list[CloneRecord]:
         return [CloneRecord(image, note["clone_of"]["image"], tuple(note.get("macs", [])))
                 for image, note in sorted(self._notes().items())
                 if isinstance(note.get("clone_of"), dict) and note.get("macs")]
