@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import stat
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from fabfile.core import localcmd, templates
 from fabfile.core.errors import BootedError
-from fabfile.core.output import progress
+from fabfile.core.output import poll, progress
 from fabfile.core.state import PROJECT_ROOT, atomic_write, locked, state_dir, state_path
 from fabfile.hosts import callhome
 from fabfile.hosts.bootlog import control_addresses
@@ -220,11 +221,8 @@ def running_config_differs(config, reach: Iterable[str] = ()) -> bool:
 def _wait_closed(path: Path, timeout: float = 10.0) -> None:
     """Wait until no nginx process (master or worker, old or new) has ``path`` open."""
     target = str(path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(_holds(pid, target) for pid in _nginx_processes()):
-            return
-        time.sleep(0.02)
+    if poll(lambda: not any(_holds(pid, target) for pid in _nginx_processes()), timeout=timeout, interval=0.02):
+        return
     progress(f"note: nginx still writes to {path} after {timeout:g}s; calls home it writes later are read "
              "with `fab hosts-reset`")
 
@@ -265,16 +263,17 @@ def _prune_rotated(log: Path) -> None:
 
 
 def _wait_listening(config, timeout: float = 5.0) -> None:
-    import socket
-
     port = config.nginx["port"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
+            return False
+
+    if poll(listening, timeout=timeout):
+        return
     raise BootedError(f"nginx did not start listening on port {port} (see {prefix() / 'error.log'})")
 
 
@@ -284,10 +283,7 @@ def stop() -> bool:
     if not pid:
         return False
     os.kill(pid, signal.SIGQUIT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _pid():
-        time.sleep(0.05)
-    if _pid():
+    if not poll(lambda: not _pid(), timeout=10):
         os.kill(pid, signal.SIGKILL)
     return True
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from fabfile.core import names, ssh
 from fabfile.core.errors import BootedError, ConfigError, HostError
 from fabfile.core.http import http_request
-from fabfile.core.output import progress
+from fabfile.core.output import poll, progress
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
 from fabfile.services import manifest as services
 from fabfile.services import repo as servicerepo
@@ -245,17 +245,20 @@ def wait_idle(conn, service: services.Service, seconds: int) -> int:
 # ---------------------------------------------------------------------------- HTTP checks
 def wait_for_version(address: str, service: services.Service, version: str, timeout: float) -> None:
     """Poll ``/version`` until it names ``version`` (the restart is done and the service is up)."""
-    deadline = time.monotonic() + timeout
     last = "no answer"
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
+        nonlocal last
         try:
             status, body = http_request(address, service.port, "GET", "/version", timeout=2)
-            if status == 200 and body.strip() == version:
-                return
-            last = f"/version answered {status} {body.strip()[:40]!r}"
         except OSError as err:
             last = f"port {service.port}: {err.strerror or err}"
-        time.sleep(0.05)
+            return False
+        last = f"/version answered {status} {body.strip()[:40]!r}"
+        return status == 200 and body.strip() == version
+
+    if poll(serving, timeout=timeout):
+        return
     raise HostError(address, f"{service.name} did not come up as {version} within {timeout:g}s ({last})")
 
 
