@@ -8,7 +8,8 @@ same five tasks. The work runs on the inventory's workers of the environments th
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fabfile.core.fanout import HostResult, raise_if_failed, summary
 from fabfile.core.output import say

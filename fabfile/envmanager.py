@@ -1,12 +1,12 @@
 """Environments: bring a whole environment up, to its minimum, one worker, or down."""
 from __future__ import annotations
 
-from fabfile.flows import environment
+from fabfile.core.errors import UsageError
 from fabfile.core.fanout import raise_if_failed, summary
 from fabfile.core.names import check
 from fabfile.core.output import say, table
+from fabfile.flows import environment
 from fabfile.taskutil import load_config, task
-from fabfile.core.errors import UsageError
 
 
 def _report(report: environment.EnvReport) -> None:

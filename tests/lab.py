@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from fabfile.providers import load_config
 from fabfile.core.localcmd import process_alive  # noqa: E402
+from fabfile.providers import load_config  # noqa: E402
 
 
 def free_port() -> int:

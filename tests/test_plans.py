@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 
+from fabfile.core import templates
+from fabfile.core.errors import BootedError, UsageError
+from fabfile.core.fanout import HostResult, fan_out, summary
+from fabfile.core.names import check
 from fabfile.providers import load_config
 from fabfile.providers.local import network as localnet
 from fabfile.services import release
-from fabfile.core import templates
-from fabfile.core.fanout import HostResult, fan_out, summary
-from fabfile.core.errors import BootedError
-from fabfile.core.names import check
-from fabfile.core.errors import UsageError
 
 SUBNET = localnet.Subnet.parse("10.77.0.0/24")
 LINK = localnet.HostLink(netns="booted-abc", veth="vbabc")
@@ -76,7 +75,7 @@ def test_unit_text_runs_the_release_under_a_dynamic_user():
 
     unit = release.unit_text(services.get("hello"))
     assert "WorkingDirectory=/opt/booted/hello/current" in unit
-    assert "ExecStart=python3 app.py" in unit or "ExecStart=/usr/bin/python3 app.py" in unit
+    assert 'ExecStart="python3" "app.py"' in unit
     assert "DynamicUser=yes" in unit and "HELLO_PORT=9999" in unit
 
 

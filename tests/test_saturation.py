@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import urllib.request
 
-import pytest
-
 import drills
+import pytest
 import wrkload
 
 pytestmark = pytest.mark.local

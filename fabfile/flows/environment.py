@@ -39,8 +39,9 @@ def provider_of(cfg: Config, env: Environment) -> Provider:
 
 def ensure_nginx(cfg: Config) -> None:
     """booted's nginx must run for hosts to call home; start it (without rotating) if it doesn't."""
-    if not nginxctl.status(cfg).running:
-        action, _ = nginxctl.restart(cfg, rotate=False)
+    reach = discovery.endpoint_addresses(cfg)
+    if not nginxctl.status(cfg).running or nginxctl.running_config_differs(cfg, reach):
+        action, _ = nginxctl.restart(cfg, rotate=False, reach=reach)
         progress(f"booted nginx {action} on port {cfg.nginx['port']}")
 
 

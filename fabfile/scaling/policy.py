@@ -26,8 +26,9 @@ Every method takes ``now`` (epoch seconds), so tests drive it with a fake clock 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from fabfile.core.config import MonitorSettings
 

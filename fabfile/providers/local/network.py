@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError
-from fabfile.core.state import state_dir
-from fabfile.core.state import locked
+from fabfile.core.state import locked, state_dir
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.providers.local import network as localnet
-from fabfile.core import names
+from fabfile.core import localcmd, names, ssh
+from fabfile.core.config import size_limit
 from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
-from fabfile.core.config import size_limit
+from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
 from fabfile.providers.local import containment
-from fabfile.core import ssh
+from fabfile.providers.local import network as localnet
 
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "curl", "iproute2", "sudo",
@@ -233,7 +231,8 @@ class LocalProvider(Provider):
         """Run a long command, printing its latest line every 10 s, killing it at ``timeout``."""
         log = state_path("local", f"{what}.log")
         with open(log, "w") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=localcmd.child_environ())
             start = time.monotonic()
             next_report = start + 10
             while proc.poll() is None:
@@ -258,6 +257,9 @@ class LocalProvider(Provider):
 
     def booted_address(self) -> str:
         return self.subnet.gateway
+
+    def endpoint_ready(self) -> None:
+        localnet.ensure_bridge(self.bridge, self.subnet)  # the gateway address lives on the bridge
 
     @property
     def bridge(self) -> str:
@@ -316,6 +318,7 @@ class LocalProvider(Provider):
         upper = host.upper
         files = dict(callhome.firstboot_files())
         if env is not None:
+            callhome.new_host_key(env.name, host.name)  # a rebuilt host must not keep its old key
             files[callhome.CONF_PATH] = (callhome.host_config(env.name, host.name, self.callhome_url()), 0o600)
         for path, (content, mode) in files.items():
             atomic_write(upper / path.lstrip("/"), content, mode=mode)
@@ -381,7 +384,8 @@ class LocalProvider(Provider):
         console = open(host.folder / "console.log", "wb")
         try:
             proc = subprocess.Popen(containment.enter_argv(cgroups, argv), stdin=subprocess.DEVNULL, stdout=console,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=localcmd.child_environ())
         finally:
             console.close()
         atomic_write(host.folder / "nspawn.pid", f"{proc.pid}\n")

@@ -9,22 +9,33 @@ message. ``list()`` reports every registered VM, booted's or not.
 from __future__ import annotations
 
 import builtins
-
 import os
 import shlex
 import shutil
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from fabfile.providers.virtualbox import media
 from fabfile.core import localcmd, names
 from fabfile.core.errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
-from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
-from fabfile.providers.virtualbox.vboxmanage import VBoxError, VBoxManage, guest_addresses, mac_colon, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names
+from fabfile.providers.base import RUNNING, STOPPED, CloneRecord, Machine, Provider
+from fabfile.providers.virtualbox import media
+from fabfile.providers.virtualbox.vboxmanage import (
+    VBoxError,
+    VBoxManage,
+    guest_addresses,
+    mac_colon,
+    parse_guestproperties,
+    parse_hostonlyifs,
+    parse_list_vms,
+    parse_machinereadable,
+    parse_ostypes,
+    parse_snapshot_names,
+)
 
 if TYPE_CHECKING:
     from fabfile.core.config import Config, Environment
@@ -114,10 +125,12 @@ def console_argv(target: str, console_file: str, version: tuple[int, ...]) -> li
     return ["modifyvm", target, "--uart1", "0x3F8", "4", _opt("--uart-mode", version, 1), "file", console_file]
 
 
-def after_install_argvs(target: str) -> list[list[str]]:
-    """Boot from disk from now on (no PXE reinstall loop, docs/virtualbox.md §11), no console file, and remove the install DVD."""
+def after_install_argvs(target: str, version: tuple[int, ...] = (7, 1)) -> list[list[str]]:
+    """Boot from disk from now on (no PXE reinstall loop, docs/virtualbox.md §11), no console file, remove
+    the install DVD, and close NAT's way to this machine's loopback: only the installer needed it."""
     return [
-        ["modifyvm", target, "--boot1", "disk", "--boot2", "none", "--uart1", "off"],
+        ["modifyvm", target, "--boot1", "disk", "--boot2", "none", "--uart1", "off",
+         *(["--nat-localhostreachable1", "off"] if version >= (7, 0) else [])],
         ["storageattach", target, "--storagectl", CONTROLLER, "--port", str(DVD_PORT), "--device", "0",
          "--medium", "none"],
     ]
@@ -128,7 +141,8 @@ def clone_argvs(source: str, new: str, new_uuid: str, basefolder: str, version: 
     return [
         ["clonevm", source, "--snapshot", SNAPSHOT, "--options", "link", "--name", new,
          "--uuid", new_uuid, "--basefolder", basefolder, "--register"],
-        ["modifyvm", new_uuid, _opt("--mac-address", version, 1), "auto", _opt("--mac-address", version, 2), "auto"],
+        ["modifyvm", new_uuid, _opt("--mac-address", version, 1), "auto", _opt("--mac-address", version, 2), "auto",
+         *(["--nat-localhostreachable1", "off"] if version >= (7, 0) else [])],
     ]
 
 
@@ -349,7 +363,7 @@ class VirtualBoxProvider(Provider):
                 vm_uuid, image, done=lambda s: s == "poweroff", timeout=timeout,
                 what="to finish installing (the kickstart powers it off)", fail=FAILED_STATES,
                 hint="raise providers.virtualbox.build_timeout_s if the install is only slow")
-            for argv in after_install_argvs(vm_uuid):
+            for argv in after_install_argvs(vm_uuid, version):
                 self.vbox.run(*argv, image=image)
         except (BootedError, KeyboardInterrupt) as err:
             if not any(made.values()):
@@ -446,9 +460,18 @@ class VirtualBoxProvider(Provider):
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise ProviderError(f"clone failed: {_reason(err)}; {leftover}", image=new) from None
+        # The MACs VirtualBox gave the clone (booted's say, not the guest's) are what proves, with its
+        # source's key, that a call home is the clone's: record them now.
+        made = self._machine(new_uuid, new)
         self._update_notes(lambda notes: notes.__setitem__(
-            new, {"uuid": new_uuid, "clone_of": {"image": source, "uuid": src_uuid, "snapshot": SNAPSHOT}}))
-        return self._machine(new_uuid, new)
+            new, {"uuid": new_uuid, "clone_of": {"image": source, "uuid": src_uuid, "snapshot": SNAPSHOT},
+                  "macs": list(made.macs)}))
+        return made
+
+    def clone_records(self) -> builtins.list[CloneRecord]:
+        return [CloneRecord(image, note["clone_of"]["image"], tuple(note.get("macs", [])))
+                for image, note in sorted(self._notes().items())
+                if isinstance(note.get("clone_of"), dict) and note.get("macs")]
 
     def _snapshots(self, target: str, image: str) -> "builtins.list[str]":
         try:

@@ -18,8 +18,8 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from fabfile.core import localcmd
 from fabfile.core.errors import CommandError, ProviderError, UsageError
