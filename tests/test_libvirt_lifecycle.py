@@ -186,14 +186,23 @@ def test_clone_has_fresh_mac_address_and_identity(world, tmp_path):
     assert seeds["vm-w1"] != seeds["vm-w2"] and all(len(s.strip()) == 36 for s in seeds.values())
 
 
-def test_rebuild_keeps_address_and_identity_and_refuses_running(world):
+def callhome_key(world, tmp_path, image_name) -> str:
+    seed = tmp_path / f"{image_name}.img"
+    seed.write_bytes(world.uploads[f"{world.domain_name(image_name)}.seed"])
+    conf = debugfs_cat(seed, "/files/etc/booted/callhome.conf")
+    return next(line for line in conf.splitlines() if line.startswith("KEY="))
+
+
+def test_rebuild_keeps_address_and_identity_and_refuses_running(world, tmp_path):
     first = world.build("vm-w1", world.env)
+    first_key = callhome_key(world, tmp_path, "vm-w1")
     world.start("vm-w1")
     with pytest.raises(ProviderError, match="is running; stop it before rebuilding"):
         world.build("vm-w1", world.env)
     world.stop("vm-w1")
     again = world.build("vm-w1", world.env)
     assert (again.macs, again.addresses) == (first.macs, first.addresses)
+    assert callhome_key(world, tmp_path, "vm-w1") != first_key  # the old call-home key stops working
     assert len(world.list()) == 1
 
 

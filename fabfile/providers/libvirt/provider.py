@@ -356,6 +356,7 @@ class LibvirtProvider(Provider):
         """(Re)write the VM's seed disk from its record and the environment it belongs to."""
         conf = ""
         if env is not None:
+            callhome.new_host_key(env.name, record.image)  # a rebuilt VM must not keep its old key
             conf = callhome.host_config(env.name, record.image, self.callhome_url())
         hostname = names.hostname_for(record.image)
         host_key, host_key_pub = image.new_host_key(hostname)
