@@ -89,6 +89,11 @@ class LibvirtProvider(Provider):
         """Where VMs reach booted's nginx: this machine's address on the bridge (the subnet's gateway)."""
         return self.subnet.gateway
 
+    def endpoint_ready(self) -> None:
+        """booted's bridge, with the gateway address nginx listens on (on this machine's daemon)."""
+        if self.hypervisor().local:
+            localnet.ensure_bridge(self.bridge, self.subnet)
+
     # ------------------------------------------------------------------ storage
     def pool(self, hv: Hypervisor):
         """The directory pool over ``storage_dir`` on ``hv`` (defined and started on first use)."""
@@ -384,7 +389,7 @@ class LibvirtProvider(Provider):
         if dom.isActive():
             return self._machine(hv, dom, record)
         if hv.local:
-            localnet.ensure_bridge(self.bridge, self.subnet)
+            self.endpoint_ready()
         facts = domainxml.parse_domain(dom.XMLDesc(0))
         try:
             dom.create()
