@@ -144,8 +144,10 @@ def loadbalancers(cfg: Config, env: Environment) -> list[HostEntry]:
 
 def push(cfg: Config, lb: HostEntry, text: str) -> None:
     with ssh.connect(lb.address, cfg) as conn:
+        # at least the deploy timeout: nginx's first start on a slow host (a VM under software
+        # emulation, on a loaded machine) took more than 30 s
         ssh.run_with_input(conn, ["sh", "-c", PUSH_SCRIPT, "lb-push", CLOSING_FLAG, f"{RELOAD_GRACE_S:g}"],
-                           text.encode(), sudo=True, timeout=60)
+                           text.encode(), sudo=True, timeout=max(60.0, float(cfg.deploy["timeout_s"])))
 
 
 def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),

@@ -139,19 +139,38 @@ def forget(address: str) -> int:
 
     Every line naming it goes: plain, ``[address]:port`` and hashed (``|1|...``) entries, for any key type.
     """
+    return _repin(address, None)
+
+
+def pin(address: str, public_key: str) -> None:
+    """Pin ``address``'s host key before first contact, replacing any pinned before.
+
+    ``public_key`` is an OpenSSH public key line; for hosts whose keys booted made itself, so the
+    very first connection is checked too.
+    """
+    kind, _, rest = public_key.strip().partition(" ")
+    try:
+        key = paramiko.PKey.from_type_string(kind, base64.b64decode(rest.split()[0], validate=True))
+    except (ValueError, IndexError, paramiko.SSHException) as err:
+        raise BootedError(f"{address}: not an SSH public key ({err})") from None
+    _repin(address, f"{address} {key.get_name()} {key.get_base64()}\n")
+
+
+def _repin(address: str, line: str | None) -> int:
+    """Drop ``address``'s pinned keys and add ``line`` (if any), atomically, under the lock."""
     path = known_hosts_path()
     with locked("known_hosts"):
-        if not path.exists():
+        if not path.exists() and line is None:
             return 0
         kept, dropped = [], 0
-        for line in path.read_text(errors="replace").splitlines(keepends=True):
-            fields = line.split()
-            if fields and not line.lstrip().startswith("#") and _names_host(fields[0], address):
+        for old in path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []:
+            fields = old.split()
+            if fields and not old.lstrip().startswith("#") and _names_host(fields[0], address):
                 dropped += 1
             else:
-                kept.append(line)
-        if dropped:
-            atomic_write(path, "".join(kept), mode=0o600)
+                kept.append(old if old.endswith("\n") else old + "\n")
+        if dropped or line:
+            atomic_write(path, "".join(kept) + (line or ""), mode=0o600)
         return dropped
 
 
