@@ -6,22 +6,26 @@
 * host keys pinned on first contact into ``state/ssh/known_hosts`` and refused on mismatch.
 
 Remote commands are argument lists; ``run`` quotes every item with ``shlex.quote``.
+
+paramiko and fabric are imported when the first connection is made, not when booted starts: they
+cost about a third of `fab --list`'s start-up, and most tasks never open a connection.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import paramiko
-from fabric import Connection
+from typing import TYPE_CHECKING, Sequence
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError, HostError
 from fabfile.core.state import atomic_write, locked, state_path
+
+if TYPE_CHECKING:
+    from fabric import Connection
 
 DEFAULT_USER = "booted"
 
@@ -50,31 +54,6 @@ def known_hosts_path() -> Path:
     return state_path("ssh", "known_hosts")
 
 
-class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
-    """Accept and record a host key the first time a host is seen; refuse a different one later."""
-
-    def missing_host_key(self, client, hostname, key):
-        path = known_hosts_path()
-        with locked("known_hosts"):
-            keys = paramiko.HostKeys()
-            if path.exists():
-                keys.load(str(path))
-            known = keys.lookup(hostname)
-            if known:
-                stored = known.get(key.get_name())
-                if stored is not None and stored == key:
-                    return
-                raise HostError(
-                    hostname,
-                    f"host key does not match the one pinned in {path}; if the host was rebuilt, "
-                    f"run `fab hosts-forget --host {hostname}`",
-                )
-            keys.add(hostname, key.get_name(), key)
-            tmp = path.with_suffix(".tmp")
-            keys.save(str(tmp))
-            os.replace(tmp, path)
-
-
 def forget(address: str) -> int:
     """Drop every pinned key of ``address`` (its host was deleted or rebuilt); returns how many.
 
@@ -100,7 +79,9 @@ def _names_host(patterns: str, address: str) -> bool:
     """Whether a known_hosts host field (comma-separated names, maybe hashed) names ``address``."""
     for name in patterns.split(","):
         if name.startswith("|1|"):
-            if any(paramiko.HostKeys.hash_host(form, name) == name for form in (address, f"[{address}]:22")):
+            from paramiko import HostKeys  # only for hashed entries
+
+            if any(HostKeys.hash_host(form, name) == name for form in (address, f"[{address}]:22")):
                 return True
             continue
         if name == address or (name.startswith(f"[{address}]:")):
@@ -108,49 +89,83 @@ def _names_host(patterns: str, address: str) -> bool:
     return False
 
 
-class BootedConnection(Connection):
-    """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
+@functools.cache
+def _connection_classes():
+    """(BootedConnection, PinOnFirstUse), made on first use so paramiko and fabric load only then."""
+    import paramiko
+    from fabric import Connection
 
-    def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None):
-        connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
-        private, _ = keypair(config)
-        super().__init__(
-            host,
-            user=user_name or user(config),
-            connect_timeout=connect_timeout,
-            connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
-        )
-        self.client.set_missing_host_key_policy(PinOnFirstUse())
-        path = known_hosts_path()
-        if path.exists():
-            self.client.get_host_keys().load(str(path))
+    class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
+        """Accept and record a host key the first time a host is seen; refuse a different one later."""
 
-    def open(self):
-        if not self.is_connected:
+        def missing_host_key(self, client, hostname, key):
+            path = known_hosts_path()
+            with locked("known_hosts"):
+                keys = paramiko.HostKeys()
+                if path.exists():
+                    keys.load(str(path))
+                known = keys.lookup(hostname)
+                if known:
+                    stored = known.get(key.get_name())
+                    if stored is not None and stored == key:
+                        return
+                    raise HostError(
+                        hostname,
+                        f"host key does not match the one pinned in {path}; if the host was rebuilt, "
+                        f"run `fab hosts-forget --host {hostname}`",
+                    )
+                keys.add(hostname, key.get_name(), key)
+                tmp = path.with_suffix(".tmp")
+                keys.save(str(tmp))
+                os.replace(tmp, path)
+
+    class BootedConnection(Connection):
+        """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
+
+        def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None):
+            connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
+            private, _ = keypair(config)
+            super().__init__(
+                host,
+                user=user_name or user(config),
+                connect_timeout=connect_timeout,
+                connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
+            )
+            self.client.set_missing_host_key_policy(PinOnFirstUse())
+            path = known_hosts_path()
+            if path.exists():
+                self.client.get_host_keys().load(str(path))
+
+        def open(self):
+            if not self.is_connected:
+                try:
+                    sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+                except OSError as err:
+                    raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.connect_kwargs["sock"] = sock
             try:
-                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-            except OSError as err:
-                raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.connect_kwargs["sock"] = sock
-        try:
-            return super().open()
-        except paramiko.BadHostKeyException:
-            raise HostError(
-                self.host,
-                f"host key does not match the one pinned in {known_hosts_path()}; if the host was rebuilt, "
-                f"run `fab hosts-forget --host {self.host}`",
-            ) from None
-        except paramiko.AuthenticationException:
-            raise HostError(self.host, f"SSH login as {self.user!r} with booted's key was refused") from None
-        except (paramiko.SSHException, OSError) as err:
-            raise HostError(self.host, f"SSH failed: {err}") from None
-        finally:
-            self.connect_kwargs.pop("sock", None)
+                return super().open()
+            except paramiko.BadHostKeyException:
+                raise HostError(
+                    self.host,
+                    f"host key does not match the one pinned in {known_hosts_path()}; if the host was rebuilt, "
+                    f"run `fab hosts-forget --host {self.host}`",
+                ) from None
+            except paramiko.AuthenticationException:
+                raise HostError(self.host, f"SSH login as {self.user!r} with booted's key was refused") from None
+            except (paramiko.SSHException, OSError) as err:
+                raise HostError(self.host, f"SSH failed: {err}") from None
+            finally:
+                self.connect_kwargs.pop("sock", None)
+
+    return BootedConnection, PinOnFirstUse
 
 
-def connect(host: str, config=None, user_name: str | None = None, timeout: float | None = None) -> BootedConnection:
-    return BootedConnection(host, config, user_name, timeout)
+def connect(host: str, config=None, user_name: str | None = None, timeout: float | None = None) -> "Connection":
+    """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket (not yet open)."""
+    booted_connection, _ = _connection_classes()
+    return booted_connection(host, config, user_name, timeout)
 
 
 @dataclass
@@ -212,6 +227,8 @@ def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sud
     Used to ship a release: the tarball streams straight into ``tar -x`` on the host.
     """
     import time as _time
+
+    import paramiko  # already loaded: conn exists
 
     command = quote(argv)
     if sudo and conn.user != "root":
