@@ -371,7 +371,10 @@ def main() -> int:
     samples: list[sbs.Sample] = []
     memory: dict[str, list] = {}
     rng = random.Random(args.seed)
-    old_term = signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         print(f"lab: {bl.root} (bridge {bl.lab.bridge}, subnet {bl.lab.subnet}, nginx {bl.lab.port})", flush=True)
         _, proc = bl.fab("restart-nginx")
@@ -379,6 +382,9 @@ def main() -> int:
             raise SystemExit(f"restart-nginx failed: {proc.stdout}{proc.stderr}")
         for n in sizes:
             run_size(bl, n, args.rounds, rng, samples, memory)
+    except KeyboardInterrupt:
+        print("bringup: interrupted; tearing the lab down", file=sys.stderr, flush=True)
+        samples.append(sbs.Sample("interrupted", 1, 0.0, False))
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         bl.teardown()
