@@ -399,10 +399,10 @@ def report(samples: list, memory: dict, sizes: list[int], rounds: int, start_loa
     print(f"Bring-up of 1 load balancer + N workers (local provider, cached image); {rounds} rounds + warm-up")
     rows = []
     for n in sizes:
-        rows += [(f"floor@{n}", f"N={n} floor: plain systemd-nspawn ×{n + 1} until SSH answers"),
-                 (f"booted@{n}", f"N={n} `fab env-start-all` until serving through the LB"),
+        rows += [(f"floor@{n}", f"N={n} floor: plain systemd-nspawn ×{n + 1} until SSH answers", f"floor@{n}"),
+                 (f"booted@{n}", f"N={n} `fab env-start-all` until serving through the LB", f"floor@{n}"),
                  (f"ssh-round@{n}", f"N={n} one SSH round to all {n + 1} hosts (OpenSSH)"),
-                 (f"converge@{n}", f"N={n} `fab env-start-all` again (already up)")]
+                 (f"converge@{n}", f"N={n} `fab env-start-all` again (already up)", f"ssh-round@{n}")]
     print(sbs.table(samples, rows))
     for n in sizes:
         ratio = sbs.paired_ratio(samples, f"booted@{n}", f"floor@{n}")

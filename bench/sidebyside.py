@@ -81,14 +81,16 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def table(samples: list[Sample], rows: list[tuple[str, str]], floor: str | None = None) -> str:
-    """A markdown table: one row per (case, label); "× floor" is the paired ratio to ``floor``."""
+def table(samples: list[Sample], rows: list[tuple], floor: str | None = None) -> str:
+    """A markdown table: one row per (case, label[, its own floor]); "× floor" is the paired ratio to
+    the row's floor (else ``floor``)."""
     lines = ["| case | median s | min–max s | good/runs | × floor |", "|---|---|---|---|---|"]
-    for case, label in rows:
+    for case, label, *own in rows:
+        row_floor = own[0] if own else floor
         c = cell(samples, case)
-        ratio = paired_ratio(samples, case, floor) if floor and case != floor else None
+        ratio = paired_ratio(samples, case, row_floor) if row_floor and case != row_floor else None
         lines.append(f"| {label} | {fmt(c['median_s'])} | {fmt(c['min_s'])}–{fmt(c['max_s'])} | "
-                     f"{c['runs'] - c['failed']}/{c['runs']} | {fmt(ratio, 2) if ratio is not None else ('1' if case == floor else '—')} |")
+                     f"{c['runs'] - c['failed']}/{c['runs']} | {fmt(ratio, 2) if ratio is not None else ('1' if case == row_floor else '—')} |")
     return "\n".join(lines)
 
 

@@ -328,7 +328,8 @@ class LocalProvider(Provider):
             if not existing:
                 shutil.rmtree(host.folder, ignore_errors=True)
             raise
-        return self._machine(host)
+        # nothing of a host made just now can run: no scan of every process for it
+        return self._machine(host, None if existing else {})
 
     def _provision(self, host: LocalHost, env) -> None:
         """Write the host's own files into its overlay: call-home config, first-boot unit, user, key."""
