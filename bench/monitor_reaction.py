@@ -250,10 +250,12 @@ def main() -> int:
         new = re.search(r" up (mr-w\d)", up_line).group(1)
         new_addr = wait_for(lambda: lab.inventory().get(new, {}).get("address"), 300, f"{new} in the inventory")
         tl.add(f"{new} called home ({new_addr})")
-        served = wait_for(lambda: first_hit(lb_log.read_text(errors="replace") if lb_log.exists() else "", new_addr),
-                          300, f"the load balancer to send a request to {new}")
+        stamped = wait_for(lambda: first_hit(lb_log.read_text(errors="replace") if lb_log.exists() else "", new_addr),
+                           300, f"the load balancer to send a request to {new}")
+        # nginx stamps whole seconds; the figure uses when the harness saw the line (polled every 0.1 s),
+        # an upper bound
         result["served"] = tl.add(f"serving: the load balancer's log shows its first request to {new} "
-                                  "(1 s resolution)", served)
+                                  f"(stamped {stamped - tl.t0:.0f} s)")
         done = wait_for(lambda: next((line for line in monitor_lines() if f"done: started {new}" in line), None), 60,
                         "the monitor's done line")
         tl.add(f"monitor: {done.split(f' {ENV} ', 1)[1][:100]}")

@@ -4,7 +4,7 @@
 
 No root, no network; a private state dir with an empty inventory. Uses hyperfine (Debian package
 ``hyperfine``) when it is installed, which runs the commands interleaved with warm-up runs; else
-the same protocol in Python (sidebyside.interleave). Cases:
+the same protocol in Python (sidebyside.interleave; hyperfine runs each command's runs in a row). Cases:
 
 * ``python -c pass``: the interpreter alone (the floor the goal compares against);
 * ``import fabric.main``: what fabric's own `fab` entry point imports before booted runs at all
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def with_hyperfine(cmds: dict[str, list[str]], env: dict, runs: int) -> dict[str
     try:
         argv = ["hyperfine", "-N", "--warmup", "3", "--runs", str(runs), "--export-json", str(out), "--style", "basic"]
         for name, cmd in cmds.items():
-            argv += ["-n", name, " ".join(cmd)]
+            argv += ["-n", name, shlex.join(cmd)]
         subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         results = json.loads(out.read_text())["results"]
     finally:
@@ -112,7 +113,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor = cells["python -c pass"]["median_s"]
-    print(f"Start-up, {args.runs} runs each ({tool}, interleaved, after warm-up)")
+    print(f"Start-up, {args.runs} runs each ({tool}, after warm-up runs)")
     print("| command | median s | min–max s | CPU s (user+sys) | − python -c pass |")
     print("|---|---|---|---|---|")
     for name, c in cells.items():

@@ -121,3 +121,30 @@ def test_marginal_cost_uses_the_two_largest_sizes():
 ])
 def test_convergence_must_redeploy_nothing(code, out, ok):
     assert bringup.converge_ok(code, out, 2)[0] is ok
+
+
+# ------------------------------------------------------------------------------ monitor_reaction
+import monitor_reaction  # noqa: E402
+
+
+def test_breach_is_when_the_first_slow_request_after_the_slow_down_passed_the_mark():
+    requests = [(10.0, 0.30, 200), (20.0, 0.01, 200), (21.0, 0.20, 200), (22.0, 0.40, 200)]
+    assert monitor_reaction.first_breach(requests, 150, after=15.0) == pytest.approx(21.15)
+    assert monitor_reaction.first_breach(requests, 500, after=15.0) is None
+
+
+def test_first_hit_reads_the_load_balancers_log_for_that_worker_only():
+    log = ('10.0.0.1 [2026-12-02T03:52:10+00:00] "GET / HTTP/1.1" 200 upstream=10.0.0.3:9999 upstream_status=200\n'
+           '10.0.0.1 [2026-12-02T03:52:11+00:00] "GET / HTTP/1.1" 200 upstream=10.0.0.3:9999, 10.0.0.4:9999 x\n')
+    assert monitor_reaction.first_hit(log, "10.0.0.4") == 1796183531.0
+    assert monitor_reaction.first_hit(log, "10.0.0.40") is None
+    assert monitor_reaction.reaction_goal(2, 2.0, 4.4) == pytest.approx(10.4)
+
+
+def test_monitor_lab_config_is_valid(tmp_path):
+    from fabfile.providers import load_config
+
+    path = tmp_path / "environments.yaml"
+    path.write_text(monitor_reaction.lab_config(8123, "bbmr00001", "10.250.3.0/24"))
+    env = load_config(path).env(monitor_reaction.ENV)
+    assert (env.monitor.interval_s, env.monitor.up_samples, env.monitor.down_window_s) == (2, 2, 10)
