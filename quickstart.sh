@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(systemd-container debootstrap nginx-light iproute2 openssh-client git curl
+APT_PACKAGES=(systemd-container debootstrap nginx-light iproute2 openssh-client git curl wrk
               python3 python3-venv python3-pip pxelinux syslinux-common ca-certificates
               libvirt-clients)
 

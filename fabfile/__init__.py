@@ -8,12 +8,7 @@ from invoke import Collection
 # Interpreter shutdown tears down every module and collects cycles; freezing first skips most of it.
 atexit.register(gc.freeze)
 
-from fabfile import deploy
-from fabfile import envmanager
-from fabfile import hostbuilder
-from fabfile import hostmanager
-from fabfile import monitor
-from fabfile import taskutil
+from fabfile import deploy, envmanager, hostbuilder, hostmanager, monitor, taskutil  # noqa: E402  (after gc.freeze's registration)
 
 # `fab` (or `inv`) is the program loading this collection: give it booted's usage rules (TASK --help, exit 2).
 for _main in ("fabric.main", "invoke.main"):
@@ -22,7 +17,8 @@ for _main in ("fabric.main", "invoke.main"):
 
 ns = Collection()
 for _task in (
-    envmanager.env_start_all, envmanager.env_start_min, envmanager.env_start_worker, envmanager.env_stop,
+    envmanager.env_start_all, envmanager.env_start_min, envmanager.env_start_worker, envmanager.env_stop_worker,
+    envmanager.env_stop,
     hostbuilder.image_build, hostbuilder.image_clone, hostbuilder.image_del, hostbuilder.image_list,
     hostbuilder.image_start, hostbuilder.image_stop,
     hostmanager.hosts_clear, hostmanager.hosts_filter, hostmanager.hosts_list, hostmanager.hosts_logged,

@@ -4,11 +4,12 @@ hello-rollback, hello-start, hello-stop, hello-test).
 A service is a folder under service/ with a service.yaml manifest; every declared service gets the
 same five tasks. The work runs on the inventory's workers of the environments that run that service
 (``fabfile.flows.rollout``); a deploy behind a live load balancer is rolling
-(``fabfile.flows.environment.deploy_balanced_or_parallel``).
+(``fabfile.flows.environment.deploy_balanced_or_parallel``), and so is a rollback.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fabfile.core.fanout import HostResult, raise_if_failed, summary
 from fabfile.core.output import say
@@ -44,7 +45,8 @@ def deploy_task(service: str) -> Any:
 
 def rollback_task(service: str) -> Any:
     def run(c, env=None):
-        _finish(f"{service}-rollback", rollout.rollback(load_config(), manifest.get(service), env))
+        _finish(f"{service}-rollback",
+                environment.rollback_balanced_or_parallel(load_config(), manifest.get(service), env))
 
     doc = "Switch {service} back to the previous release on the workers."
     return task(name=f"{service}-rollback", help=ENV_HELP)(_named(run, service, "rollback", doc))

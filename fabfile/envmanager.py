@@ -1,12 +1,12 @@
 """Environments: bring a whole environment up, to its minimum, one worker, or down."""
 from __future__ import annotations
 
-from fabfile.flows import environment
+from fabfile.core.errors import UsageError
 from fabfile.core.fanout import raise_if_failed, summary
 from fabfile.core.names import check
 from fabfile.core.output import say, table
+from fabfile.flows import environment
 from fabfile.taskutil import load_config, task
-from fabfile.core.errors import UsageError
 
 
 def _report(report: environment.EnvReport) -> None:
@@ -37,13 +37,28 @@ def env_start_min(c, env=None, pick_randomly=False):
 def env_start_worker(c, image=None, env=None):
     """(Re)start one worker, deploy to it, add it to the load balancers."""
     cfg = load_config()
+    say(environment.start_worker(cfg, _worker_env(cfg, image, env), image))
+
+
+@task(positional=["image"], help={"image": "worker image", "env": "environment name (default: the image's)"})
+def env_stop_worker(c, image=None, env=None):
+    """Take one worker out of the load balancers, let its last requests finish, stop it."""
+    cfg = load_config()
+    e = _worker_env(cfg, image, env)
+    if image not in e.workers:
+        raise UsageError(f"{image} is not a worker of environment {e.name} (workers: {', '.join(e.workers)})")
+    environment.stop_image(cfg, e, image)
+    say(f"{image} drained and stopped")
+
+
+def _worker_env(cfg, image, env):
     if not image:
         raise UsageError("--image NAME is required")
     check("image", image, "--image")
     e = cfg.env(env) if env else cfg.image_env(image)
     if e is None:
         raise UsageError(f"image {image!r} is in no environment; pass --env")
-    say(environment.start_worker(cfg, e, image))
+    return e
 
 
 @task(help={"env": "environment name",

@@ -1,11 +1,11 @@
 """Images: build, clone, list, start, stop and delete machines through their provider."""
 from __future__ import annotations
 
+from fabfile.core.errors import BootedError, ProviderError
 from fabfile.core.output import say, table
 from fabfile.flows import environment
-from fabfile.taskutil import confirm, load_config, provider_for, resolve_image, task
-from fabfile.core.errors import BootedError, ProviderError
 from fabfile.providers import NAMES as PROVIDER_NAMES
+from fabfile.taskutil import confirm, load_config, provider_for, resolve_image, task
 
 PROVIDER_HELP = " or ".join(PROVIDER_NAMES)
 

@@ -1,13 +1,13 @@
 """Hosts: the inventory learned from the booted log, SSH reachability, and booted's nginx."""
 from __future__ import annotations
 
-from fabfile.flows import discovery, environment
-from fabfile.hosts import inventory
-from fabfile.hosts import endpoint as nginxctl
 from fabfile.core import names, ssh
 from fabfile.core.errors import UsageError
-from fabfile.hosts.inventory import Inventory
 from fabfile.core.output import say
+from fabfile.flows import discovery, environment
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.hosts import inventory
+from fabfile.hosts.inventory import Inventory
 from fabfile.taskutil import confirm, load_config, task
 
 
@@ -83,13 +83,14 @@ def hosts_reset(c, yes=False, booted_log=None):
 def restart_nginx(c):
     """Render, check and (re)start booted's nginx; rotate the booted log."""
     cfg = load_config()
-    log = discovery.log_path()
-    if log.exists() and log.stat().st_size:
-        # record what is in the log before it is moved aside, so no call home is lost
-        discovery.record(cfg, discovery.read_log(cfg, log))
-    action, rotated = nginxctl.restart(cfg)
+    action, rotated = nginxctl.restart(cfg, reach=discovery.endpoint_addresses(cfg))
     say(f"nginx {action}: {nginxctl.status(cfg).url} (config {nginxctl.conf_path()})")
     say(f"booted log: {nginxctl.booted_log_path()}" + (f" (previous moved to {rotated})" if rotated else ""))
+    if rotated is not None:
+        # nginx has closed the old log: finish it from the cursor, so no call home is lost
+        result = discovery.read_log(cfg, rotated)
+        discovery.record(cfg, result)
+        say(f"read the last {result.lines} lines of the previous log: {len(result.calls)} calls home")
 
 
 @task(help={"force": "stop it even while an image install needs it"})

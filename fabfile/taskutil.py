@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from invoke import Exit, ParseError
 from invoke import task as invoke_task
@@ -32,7 +33,7 @@ def task(*args: Any, **kwargs: Any) -> Any:
     return decorate
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str) -> config_mod.Config:
     return providers.load_config(path)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from lab import Lab, can_run_local_hosts, make_lab
 
 

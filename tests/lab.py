@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from fabfile.providers import load_config
 from fabfile.core.localcmd import process_alive  # noqa: E402
+from fabfile.providers import load_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -299,6 +299,14 @@ environments:
     roles:
       loadbalancers: [drill-lb]
       workers: [drill-w1, drill-w2, drill-w3]
+    service: hello
+    version: v1
+  sat:
+    provider: local
+    images: [sat-lb, sat-w1, sat-w2, sat-w3]
+    roles:
+      loadbalancers: [sat-lb]
+      workers: [sat-w1, sat-w2, sat-w3]
     service: hello
     version: v1
   solo:

@@ -18,11 +18,10 @@ from collections import Counter
 
 import pytest
 
-from fabfile.providers import load_config
-from fabfile.hosts import bootlog
-from fabfile.hosts import callhome
-from fabfile.hosts.bootlog import BootedLog, Call, parse_line
 from fabfile.core.errors import BootedError
+from fabfile.hosts import bootlog, callhome
+from fabfile.hosts.bootlog import BootedLog, Call, parse_line
+from fabfile.providers import load_config
 
 CONFIG = """\
 environments:
@@ -154,7 +153,11 @@ def test_valid_lines_parse_exactly(cfg):
     call = parse_line(valid_line(), cfg, CONTROL)
     assert call == Call(env="prod", name="prod-web1", mac="52:54:00:12:34:56", addr="10.77.0.11",
                         ts=1700000000, seen_at=1700000000.123)
-    # a name that is not a declared image still parses: the inventory decides what it is
+    # a name booted made no key for is refused before any signature work
+    other = valid_line(name="stranger", addr="10.77.0.12", env="dev-env", msec="1700000005.000")
+    assert parse_line(other, cfg, CONTROL) == bootlog.UNKNOWN_IMAGE
+    # an undeclared image booted built (a renamed clone) has a key record, and parses
+    callhome.new_host_key("dev-env", "stranger")
     other = parse_line(valid_line(name="stranger", addr="10.77.0.12", env="dev-env", msec="1700000005.000"), cfg, CONTROL)
     assert other == Call("dev-env", "stranger", "52:54:00:12:34:56", "10.77.0.12", 1700000000, 1700000005.0)
 
@@ -250,9 +253,10 @@ def test_the_real_callhome_script_is_understood(cfg, tmp_path):
         thread.join()
     path, _, args = captured[0].partition("?")
     assert path == callhome.CALLHOME_PATH
-    call = parse_line(log_line("10.77.0.21", args, "1700000100.250"), cfg, CONTROL)
+    now = f"{time.time():.3f}"
+    call = parse_line(log_line("10.77.0.21", args, now), cfg, CONTROL)
     assert isinstance(call, Call)
-    assert (call.env, call.name, call.mac, call.addr, call.seen_at) == ("prod", "prod-web2", "52:54:00:aa:bb:cc", "10.77.0.21", 1700000100.25)
+    assert (call.env, call.name, call.mac, call.addr, call.seen_at) == ("prod", "prod-web2", "52:54:00:aa:bb:cc", "10.77.0.21", float(now))
     assert abs(call.ts - time.time()) < 60
 
 
@@ -280,7 +284,7 @@ http {{
                              "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_listening(port, proc, tmp_path / "error.log")
-        good = query(name="prod-web2", addr="10.77.0.21", mac="52:54:00:aa:bb:cc")
+        good = query(name="prod-web2", addr="10.77.0.21", mac="52:54:00:aa:bb:cc", ts=str(int(time.time())))
         targets = [
             f"{callhome.CALLHOME_PATH}?{good}".encode(),
             f"{callhome.CALLHOME_PATH}?{good}".encode().replace(b"prod-web2", b'"pr\\od"\xc3\xa9'),
@@ -435,7 +439,7 @@ def test_large_log_is_read_once_then_only_the_tail(cfg, tmp_path):
 
     def line(i):
         name, addr = f"prod-web{1 + i % 2}", f"10.77.{i // 250}.{2 + i % 250}"
-        return log_line(addr, query(name=name, addr=addr, key=keys[name]), f"{1700000000 + i}.000")
+        return log_line(addr, query(name=name, addr=addr, key=keys[name], ts=str(1700000000 + i)), f"{1700000000 + i}.000")
 
     lines = [line(i) for i in range(20000)]
     with open(log, "w") as fh:

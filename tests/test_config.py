@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fabfile.providers import load_config
 from fabfile.core.errors import ConfigError
+from fabfile.providers import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,6 @@ import time
 import urllib.request
 
 import pytest
-
 from loadgen import SteadyLoad
 
 pytestmark = pytest.mark.local

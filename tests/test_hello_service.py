@@ -246,3 +246,42 @@ def test_keep_alive_requests_are_not_held_back_by_nagle(hello):
         assert time.monotonic() - started < 0.6
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------- bursts
+def test_a_burst_of_connections_while_it_is_busy_is_queued_not_dropped(start):
+    """200 clients connect while the server cannot accept (stopped, as when the GIL or the CPU is
+    busy elsewhere): the kernel completes every handshake into the listen backlog at once, and each
+    is answered once the server runs again. With socketserver's default backlog of 5, the kernel
+    drops the other SYNs and those clients wait a second or more for a retransmit: the load
+    balancer's 1 s connect timeout then takes a healthy worker out."""
+    h = start()
+    assert h.port, h.lines
+    h.proc.send_signal(signal.SIGSTOP)
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", h.port))
+            socks.append(s)
+        time.sleep(0.3)
+        import select
+
+        _, writable, _ = select.select([], socks, [], 0.5)
+        established = [s for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0]
+        assert len(established) == 200, f"only {len(established)} of 200 connections were queued"
+    finally:
+        h.proc.send_signal(signal.SIGCONT)
+    for s in socks:
+        s.setblocking(True)
+        s.settimeout(10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answers = []
+    for s in socks:
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        answers.append(data.split(b"\r\n", 1)[0])
+        s.close()
+    assert answers == [b"HTTP/1.1 200 OK"] * 200

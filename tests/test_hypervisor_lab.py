@@ -12,11 +12,11 @@ import os
 import time
 
 import pytest
+from hypervisor_lab import HypervisorLab, can_run_hypervisors, ensure_layer, run
+from lab import free_subnet
 
 from fabfile.core.localcmd import process_alive
 from fabfile.providers import get_provider
-from hypervisor_lab import HypervisorLab, can_run_hypervisors, ensure_layer, run
-from lab import free_subnet
 
 pytestmark = pytest.mark.local
 

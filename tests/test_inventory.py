@@ -13,13 +13,13 @@ import time
 import pytest
 import yaml
 
-from fabfile.providers import load_config
+from fabfile.core.errors import ConfigError, UsageError
 from fabfile.hosts import inventory as inv_mod
 from fabfile.hosts.bootlog import Call
-from fabfile.core.errors import ConfigError, UsageError
 from fabfile.hosts.inventory import HostEntry, Inventory, render
-from fabfile.providers.base import Machine
 from fabfile.hosts.reach import probe_ssh
+from fabfile.providers import load_config
+from fabfile.providers.base import CloneRecord
 
 CONFIG = """\
 environments:
@@ -50,15 +50,16 @@ def cfg(tmp_path, monkeypatch):
     return load_config(path)
 
 
-def machine(name, *addresses):
-    return Machine(name=name, provider="virtualbox", state="running", macs=[MAC[name]], addresses=list(addresses))
+def clone(name, source):
+    """booted's record of a clone it made: its source and the MAC VirtualBox gave it."""
+    return CloneRecord(name, source, (MAC[name],))
 
 
 def call(name, addr, mac=None, at=0.0, env="prod"):
     return Call(env=env, name=name, mac=mac or MAC[name], addr=addr, ts=int(T0 + at), seen_at=T0 + at)
 
 
-MACHINES = [machine("prod-lb1"), machine("prod-web1"), machine("prod-web2"), machine("dev-box")]
+MACHINES = [clone("prod-web2", "prod-web1")]
 
 
 def test_record_adds_then_updates_and_keeps_first_seen(cfg):
@@ -66,8 +67,10 @@ def test_record_adds_then_updates_and_keeps_first_seen(cfg):
     summary = inv.record_calls([call("prod-web1", "10.0.0.11", at=5), call("prod-lb1", "10.0.0.10", at=1)], MACHINES, cfg)
     assert (summary.calls, summary.added, summary.updated, summary.unknown) == (2, ["prod-lb1", "prod-web1"], [], 0)
     assert inv.load() == [
-        HostEntry("prod-lb1", "prod-lb1", "10.0.0.10", MAC["prod-lb1"], "prod", ["loadbalancers"], T0 + 1, T0 + 1),
-        HostEntry("prod-web1", "prod-web1", "10.0.0.11", MAC["prod-web1"], "prod", ["workers"], T0 + 5, T0 + 5),
+        HostEntry("prod-lb1", "prod-lb1", "10.0.0.10", MAC["prod-lb1"], "prod", ["loadbalancers"], T0 + 1, T0 + 1,
+                  last_ts=int(T0 + 1)),
+        HostEntry("prod-web1", "prod-web1", "10.0.0.11", MAC["prod-web1"], "prod", ["workers"], T0 + 5, T0 + 5,
+                  last_ts=int(T0 + 5)),
     ]
     assert inv.mark_reachable({"10.0.0.11": True, "10.0.0.10": False}, checked_at=T0 + 6) == ["prod-lb1", "prod-web1"]
 
@@ -100,22 +103,31 @@ def test_a_clone_is_recorded_under_its_own_image_by_mac(cfg):
     assert {e.image: e.hostname_ok for e in inv.load()}["prod-web2"] is True
 
 
-def test_matching_by_address_then_by_declared_name_and_unknown_hosts(cfg):
+def test_identity_is_the_key_never_a_claimed_mac_or_address(cfg):
+    """A call is the image whose key signed it; a MAC or an address never moves it to another image
+    (security finding 1: test-box's key with prod-web1's MAC must not become prod-web1)."""
     inv = Inventory()
-    machines = [Machine("prod-lb1", "virtualbox", "running", macs=[], addresses=["10.0.0.10"]), machine("scratch")]
     summary = inv.record_calls([
-        call("prod-web1", "10.0.0.10", mac="08:00:27:ff:ff:01", at=1),  # no MAC match; the address is prod-lb1's
-        call("prod-web2", "10.0.0.12", mac="08:00:27:ff:ff:02", at=2),  # no machine at all; a declared image
-        call("stranger", "10.0.0.66", mac="08:00:27:ff:ff:03", at=3),  # nothing matches: not recorded
-        call("stranger", "10.0.0.67", mac="08:00:27:ff:ff:04", at=4),
-        call("dev-box", "10.0.0.99", mac=MAC["scratch"], at=5, env="dev-env"),  # an undeclared VM, by MAC
-    ], machines, cfg)
+        call("prod-web1", "10.0.0.11", at=1),
+        call("dev-box", "10.0.0.50", mac=MAC["prod-web1"], at=2, env="dev-env"),  # dev-box claims web1's MAC
+        call("dev-box", "10.0.0.51", mac=MAC["prod-web2"], at=3, env="dev-env"),  # ... and a clone's MAC
+        call("prod-lb1", "10.0.0.52", mac=MAC["prod-web2"], at=4),  # another source than the clone's
+        call("prod-web1", "10.0.0.53", mac=MAC["prod-web2"], at=5, env="dev-env"),  # a key of another env
+    ], MACHINES, cfg)
     hosts = {e.image: e for e in inv.load()}
-    assert sorted(hosts) == ["prod-lb1", "prod-web2", "scratch"]
-    assert (hosts["prod-lb1"].name, hosts["prod-lb1"].hostname_ok) == ("prod-web1", False)
-    assert hosts["prod-web2"].hostname_ok is True
-    assert (hosts["scratch"].env, hosts["scratch"].roles, hosts["scratch"].hostname_ok) == ("dev-env", [], False)
-    assert (summary.unknown, summary.unknown_names) == (2, ["stranger"])
+    assert sorted(hosts) == ["dev-box", "prod-lb1", "prod-web1"]
+    assert (hosts["prod-web1"].address, hosts["prod-web1"].env) == ("10.0.0.11", "prod")
+    assert (hosts["dev-box"].env, hosts["dev-box"].address, hosts["dev-box"].hostname_ok) == ("dev-env", "10.0.0.51", True)
+    assert hosts["prod-lb1"].hostname_ok is True
+    assert (summary.unknown, summary.unknown_names) == (1, ["prod-web1"])
+
+
+def test_a_call_no_newer_than_the_last_recorded_is_a_replay(cfg):
+    inv = Inventory()
+    inv.record_calls([call("prod-web1", "10.0.0.11", at=10)], MACHINES, cfg)
+    replay = Call(env="prod", name="prod-web1", mac=MAC["prod-web1"], addr="10.0.0.66", ts=int(T0 + 10), seen_at=T0 + 99)
+    summary = inv.record_calls([replay], MACHINES, cfg)
+    assert summary.replayed == 1 and {e.image: e.address for e in inv.load()}["prod-web1"] == "10.0.0.11"
 
 
 def test_an_address_taken_over_by_another_image_drops_the_stale_entry(cfg):
@@ -208,7 +220,7 @@ def entries(cfg):
         call("prod-web1", "10.0.0.12", mac=MAC["prod-web2"], at=3),
         call("dev-box", "10.0.0.20", env="dev-env", at=4),
         call("dev-box", "10.0.0.99", mac=MAC["scratch"], env="dev-env", at=5),
-    ], MACHINES + [machine("scratch")], cfg)
+    ], MACHINES + [clone("scratch", "dev-box")], cfg)
     inv.mark_reachable({"10.0.0.10": True, "10.0.0.11": False})
     return inv.load()
 

@@ -11,8 +11,20 @@ import pytest
 from fabfile.core.config import Checker, load_yaml
 from fabfile.core.errors import ConfigError
 from fabfile.providers.libvirt.placement import (
-    DEFAULT_HYPERVISOR, LOADBALANCER, VM, WORKER, HypervisorSpec, PlacementError, check_hypervisors,
-    environment_vms, hypervisors_from_settings, is_remote_uri, parse_hypervisors, parse_pins, place, valid_uri,
+    DEFAULT_HYPERVISOR,
+    LOADBALANCER,
+    VM,
+    WORKER,
+    HypervisorSpec,
+    PlacementError,
+    check_hypervisors,
+    environment_vms,
+    hypervisors_from_settings,
+    is_remote_uri,
+    parse_hypervisors,
+    parse_pins,
+    place,
+    valid_uri,
 )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import shutil
 import stat
@@ -17,14 +18,13 @@ from pykickstart.errors import KickstartParseWarning
 from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
-from fabfile.providers import load_config
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.providers.virtualbox import media
-from fabfile.core import names
-from fabfile.core import ssh
-from fabfile.core import state
+from fabfile.core import localcmd, names, ssh, state
 from fabfile.core.errors import BootedError, ConfigError, UsageError
+from fabfile.hosts import callhome
+from fabfile.hosts.endpoint import kickstart_dir
+from fabfile.providers import load_config
+from fabfile.providers.virtualbox import media
+from fabfile.services import manifest
 from tests.isofixture import DEFAULT_FILES, make_test_iso
 
 REPO_CONFIG = state.PROJECT_ROOT / "environments.yaml"
@@ -51,11 +51,10 @@ environments:
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Own state dir, no service.yaml, and none of the user's BOOTED_* settings."""
+    """Own state dir and none of the user's BOOTED_* settings."""
     monkeypatch.setenv("BOOTED_STATE_DIR", str(tmp_path / "state"))
     for name in ("BOOTED_PW", "BOOTED_USER", "BOOTED_SSH_KEY", "BOOTED_CONFIG", "BOOTED_PXELINUX_DIR"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(media, "SERVICE_DIR", tmp_path / "service")
 
 
 def write_config(tmp_path, iso="iso/install.iso", sha=""):
@@ -126,14 +125,22 @@ def embedded_files(text):
     return found
 
 
+@pytest.fixture(autouse=True)
+def _remove_served_kickstarts(monkeypatch):  # (torn down before monkeypatch restores the env)
+    """Kickstarts are served from outside the state dir (as root); a test's must not outlive it."""
+    yield
+    if os.environ.get("BOOTED_STATE_DIR"):
+        shutil.rmtree(kickstart_dir(), ignore_errors=True)
+
+
 def all_staged_bytes():
     """Every file booted staged (kickstarts, TFTP folders), plus the decoded files inside kickstarts."""
     out = {}
-    for top in ("kickstart", "tftp"):
-        for path in (state.state_dir() / top).rglob("*"):
+    for top in (state.state_dir() / "kickstart", state.state_dir() / "tftp", kickstart_dir()):
+        for path in top.rglob("*"):
             if path.is_file():
                 out[str(path)] = path.read_bytes()
-                if path.suffix == ".cfg" and top == "kickstart":
+                if path.suffix == ".cfg" and top == kickstart_dir():
                     for inner, (data, _) in embedded_files(path.read_text()).items():
                         out[f"{path}!{inner}"] = data
     return out
@@ -224,13 +231,14 @@ def test_login_user_comes_from_booted_user_and_root_is_refused(cfg, monkeypatch)
         media.render_kickstart(cfg, cfg.env("prod"), "prod-web1")
 
 
-def test_service_port_comes_from_service_yaml(cfg):
-    folder = media.SERVICE_DIR / "hello"
+def test_service_port_comes_from_service_yaml(cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "services_root", lambda: tmp_path / "service")
+    folder = tmp_path / "service" / "hello"
     folder.mkdir(parents=True)
-    (folder / "service.yaml").write_text("name: hello\nport: 7000\n")
+    (folder / "service.yaml").write_text((state.PROJECT_ROOT / "service" / "hello" / "service.yaml").read_text().replace("port: 9999", "port: 7000"))
     assert parse(media.render_kickstart(cfg, cfg.env("prod"), "prod-lb1")).firewall.ports == ["7000:tcp", "8088:tcp"]
-    (folder / "service.yaml").write_text("port: http\n")
-    with pytest.raises(ConfigError, match=r"service\.yaml: port: must be a TCP port"):
+    (folder / "service.yaml").write_text((state.PROJECT_ROOT / "service" / "hello" / "service.yaml").read_text().replace("port: 9999", "port: http"))
+    with pytest.raises(ConfigError, match=r"service\.yaml.*port"):
         media.render_kickstart(cfg, cfg.env("prod"), "prod-lb1")
 
 
@@ -364,9 +372,9 @@ def test_stage_install_prepares_everything_a_bios_pxe_boot_needs(cfg, pxelinux):
     initrd = [a.split("=", 1)[1] for a in args if a.startswith("initrd=")]
     assert (folder / kernel).read_bytes() == DEFAULT_FILES["images/pxeboot/vmlinuz"]
     assert (folder / initrd[0]).read_bytes() == DEFAULT_FILES["images/pxeboot/initrd.img"]
-    assert "inst.ks=http://10.0.2.2:8480/ks/prod-web1.cfg" in args
+    assert f"inst.ks=http://10.0.2.2:8480/ks/{media.kickstart_token('prod-web1')}.cfg" in args
     assert {"ip=dhcp", "inst.repo=cdrom", "inst.text"} <= set(args)
-    ks = state.state_dir() / "kickstart" / "prod-web1.cfg"
+    ks = media.kickstart_path("prod-web1")
     assert stat.S_IMODE(ks.stat().st_mode) == 0o640
     assert ks.read_text() == media.render_kickstart(cfg, cfg.env("prod"), "prod-web1")
 
@@ -375,8 +383,8 @@ def test_two_images_get_separate_folders(cfg, pxelinux):
     a = media.stage_install(cfg, cfg.env("prod"), "prod-lb1")
     b = media.stage_install(cfg, cfg.env("prod"), "prod-web1")
     assert a != b and a.parent == b.parent
-    assert "inst.ks=http://10.0.2.2:8480/ks/prod-lb1.cfg" in read_pxe_entry(a)[2]
-    assert "inst.ks=http://10.0.2.2:8480/ks/prod-web1.cfg" in read_pxe_entry(b)[2]
+    assert f"inst.ks=http://10.0.2.2:8480/ks/{media.kickstart_token('prod-lb1')}.cfg" in read_pxe_entry(a)[2]
+    assert f"inst.ks=http://10.0.2.2:8480/ks/{media.kickstart_token('prod-web1')}.cfg" in read_pxe_entry(b)[2]
     before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
     media.stage_install(cfg, cfg.env("prod"), "prod-web1")  # restaging one leaves the other alone
     assert {p: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from lab import ROOT, Lab
 
 pytestmark = pytest.mark.local

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fabfile.flows import monitor as monitord
 from fabfile.core.config import Environment, MonitorSettings
 from fabfile.core.errors import BootedError
+from fabfile.flows import monitor as monitord
 from fabfile.scaling.policy import Observation, Sample
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 
+from fabfile.core import templates
+from fabfile.core.errors import BootedError, UsageError
+from fabfile.core.fanout import HostResult, fan_out, summary
+from fabfile.core.names import check
 from fabfile.providers import load_config
 from fabfile.providers.local import network as localnet
 from fabfile.services import release
-from fabfile.core import templates
-from fabfile.core.fanout import HostResult, fan_out, summary
-from fabfile.core.errors import BootedError
-from fabfile.core.names import check
-from fabfile.core.errors import UsageError
 
 SUBNET = localnet.Subnet.parse("10.77.0.0/24")
 LINK = localnet.HostLink(netns="booted-abc", veth="vbabc")
@@ -76,7 +75,7 @@ def test_unit_text_runs_the_release_under_a_dynamic_user():
 
     unit = release.unit_text(services.get("hello"))
     assert "WorkingDirectory=/opt/booted/hello/current" in unit
-    assert "ExecStart=python3 app.py" in unit or "ExecStart=/usr/bin/python3 app.py" in unit
+    assert 'ExecStart="python3" "app.py"' in unit
     assert "DynamicUser=yes" in unit and "HELLO_PORT=9999" in unit
 
 
@@ -104,10 +103,13 @@ def test_load_balancer_config_marks_drained_workers_down_and_changes_its_id():
     env = load_config().env("local")
     a, b = loadbalancer.Upstream("10.77.0.2", 9999), loadbalancer.Upstream("10.77.0.3", 9999)
     text, cid = loadbalancer.render(env, [a, b])
-    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=5s;" in text
+    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=3s;" in text
+    assert "server 10.77.0.2:9999 backup max_fails=0;" in text
     assert f'return 200 "{cid}\\n";' in text
     drained, cid2 = loadbalancer.render(env, [loadbalancer.Upstream("10.77.0.2", 9999, down=True), b])
-    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=5s down;" in drained
+    assert "server 10.77.0.2:9999 max_fails=1 fail_timeout=3s down;" in drained
+    assert "server 10.77.0.2:9999 backup" not in drained   # a drained worker is no backup either
+    assert "server 10.77.0.3:9999 backup max_fails=0;" in drained
     assert cid2 != cid
     assert loadbalancer.render(env, [b, a]) == (text, cid)  # order does not matter
     empty, _ = loadbalancer.render(env, [])

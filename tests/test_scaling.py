@@ -8,7 +8,19 @@ import random
 import pytest
 
 from fabfile.core.config import MonitorSettings
-from fabfile.scaling.policy import ABANDON, DOWN, HOLD, REPLACE, UP, Observation, Pending, Policy, PolicyState, Sample, percentile
+from fabfile.scaling.policy import (
+    ABANDON,
+    DOWN,
+    HOLD,
+    REPLACE,
+    UP,
+    Observation,
+    Pending,
+    Policy,
+    PolicyState,
+    Sample,
+    percentile,
+)
 
 WORKERS = ("w1", "w2", "w3", "w4")
 DEFAULTS = MonitorSettings()  # interval 15s, high 300ms, low 60ms, up 3 samples, window 300s, ...

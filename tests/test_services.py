@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fabfile.services import repo as servicerepo
-from fabfile.services import manifest as services
 from fabfile.core.errors import ConfigError, UsageError
+from fabfile.services import manifest as services
+from fabfile.services import repo as servicerepo
 from fabfile.services.repo import RepoError
 
 HELLO_DIR = Path(__file__).resolve().parent.parent / "service" / "hello"

@@ -128,7 +128,7 @@ def test_builds_survive_a_30_percent_session_lock_error_rate(vbox_lab, monkeypat
                                clock=lambda: fake_now[0], rng=random.Random(15))
     start_nginx(vbox_lab)
     env = provider.config.environments["lab"]
-    for n in range(10):
+    for _ in range(10):
         provider.build("lab-web2", env)
         provider.delete("lab-web2")
     calls = vbox_lab.calls()

@@ -12,8 +12,26 @@ import pytest
 from fabfile.core import localcmd
 from fabfile.core.errors import ProviderError, UsageError
 from fabfile.providers import base
-from fabfile.providers.virtualbox.vboxmanage import INSTALL_HINT, VBoxError, VBoxFailure, VBoxManage, backoff, broken_install, guest_addresses, mac_colon, parse_failure, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names, parse_version, retry_delay
 from fabfile.providers.virtualbox.provider import machine_from_info
+from fabfile.providers.virtualbox.vboxmanage import (
+    INSTALL_HINT,
+    VBoxError,
+    VBoxFailure,
+    VBoxManage,
+    backoff,
+    broken_install,
+    guest_addresses,
+    mac_colon,
+    parse_failure,
+    parse_guestproperties,
+    parse_hostonlyifs,
+    parse_list_vms,
+    parse_machinereadable,
+    parse_ostypes,
+    parse_snapshot_names,
+    parse_version,
+    retry_delay,
+)
 
 LOCKED = (
     "VBoxManage: error: The machine 'web1' is already locked for a session (or being unlocked)\n"

@@ -99,7 +99,7 @@ def test_storage_and_clone_commands():
     assert clone_argvs("S", "new", "N", "/s", (7, 1, 12)) == [
         ["clonevm", "S", "--snapshot", "booted-base", "--options", "link", "--name", "new", "--uuid", "N",
          "--basefolder", "/s", "--register"],
-        ["modifyvm", "N", "--mac-address1", "auto", "--mac-address2", "auto"],
+        ["modifyvm", "N", "--mac-address1", "auto", "--mac-address2", "auto", "--nat-localhostreachable1", "off"],
     ]
     assert clone_argvs("S", "new", "N", "/s", (6, 1, 50))[1] == [
         "modifyvm", "N", "--macaddress1", "auto", "--macaddress2", "auto"]
@@ -123,7 +123,7 @@ def test_image_build_installs_by_pxe_and_leaves_a_bootable_vm(vbox_lab):
         console_argv(uuid, f"{state}/virtualbox-console/lab-web2.log", (7, 1, 12)),
         *storage_argvs(uuid, disk, 20480, str(vbox_lab.iso)),
         ["startvm", uuid, "--type", "headless"],
-        ["modifyvm", uuid, "--boot1", "disk", "--boot2", "none", "--uart1", "off"],
+        ["modifyvm", uuid, "--boot1", "disk", "--boot2", "none", "--uart1", "off", "--nat-localhostreachable1", "off"],
         ["storageattach", uuid, "--storagectl", "SATA", "--port", "1", "--device", "0", "--medium", "none"],
     ]
     vm = vbox_lab.vm("lab-web2")

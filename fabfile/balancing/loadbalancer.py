@@ -23,9 +23,20 @@ TEMPLATE = PROJECT_ROOT / "nginx" / "loadbalancer.conf"
 REMOTE_CONF = "/etc/nginx/conf.d/booted-lb.conf"
 LB_LOG = "/var/log/nginx/booted-lb.log"
 
-# stdin: the new config. Install, check, roll back on failure, start or reload.
+# While a reload is under way this file exists on the load balancer: nginx then answers with
+# "Connection: close" (see nginx/loadbalancer.conf), so clients reconnect instead of sending on a
+# keep-alive connection an old nginx worker is about to close.
+CLOSING_FLAG = "/run/booted-lb.closing"
+# How long clients get to finish the request they have under way and see "Connection: close"
+# before the reload; a client idle longer than that may still send on a closing connection
+# (RFC 9112 lets it retry then; wrk counts it as a read error).
+RELOAD_GRACE_S = 0.5
+
+# $1 closing flag, $2 grace seconds; stdin: the new config. Install, check, roll back on failure,
+# start, or reload and wait until every old nginx worker has exited.
 PUSH_SCRIPT = r"""
 set -eu
+flag="$1"; grace="$2"
 conf=/etc/nginx/conf.d/booted-lb.conf
 mkdir -p /etc/nginx/conf.d
 cat > "$conf.new"
@@ -38,8 +49,51 @@ if ! out=$(nginx -t 2>&1); then
 fi
 rm -f "$conf.old"
 systemctl enable --quiet nginx 2>/dev/null || true
-if systemctl is-active --quiet nginx; then systemctl reload nginx; else systemctl restart nginx; fi
+if ! systemctl is-active --quiet nginx; then
+  rm -f "$flag"
+  systemctl restart nginx
+  exit 0
+fi
+# reload is asynchronous: remember the old workers, and keep the flag until all of them are gone
+old=$(pgrep -P "$(cat /run/nginx.pid)" || true)
+trap 'rm -f "$flag"' EXIT
+: > "$flag"
+sleep "$grace"
+systemctl reload nginx
+tenths=0
+for pid in $old; do
+  while [ -e "/proc/$pid" ] && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
+    tenths=$((tenths + 1))
+    if [ "$tenths" -ge 300 ]; then echo "old nginx workers still serving 30s after the reload" >&2; exit 5; fi
+    sleep 0.1
+  done
+done
 """
+
+# Passive checks (see README "Reliability"): one failure takes a primary out for 3 s. One, not
+# more: each failure of a powered-off worker costs a request a timeout first. The backups make a
+# healthy worker taken out by mistake harmless.
+MAX_FAILS = 1
+FAIL_TIMEOUT = "3s"
+# Idle connections to workers kept per nginx worker process.
+UPSTREAM_KEEPALIVE = 32
+# Every request's proxying, the same in the normal and the closing location.
+PROXY_SETTINGS = """\
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        # Retried on the next worker: a refused, reset or timed-out connection, or a 502-504.
+        # nginx never retries a POST it has already sent (no non_idempotent here): the worker may
+        # have acted on it. A POST whose connection failed never reached a worker and is retried.
+        proxy_next_upstream error timeout http_502 http_503 http_504;
+        proxy_next_upstream_tries {tries};
+        proxy_next_upstream_timeout 15s;
+        # a powered-off worker must cost a request 1 s, not the 60 s default, before the retry;
+        # a request already sent to it waits the read timeout (hello answers in milliseconds)
+        proxy_connect_timeout 1s;
+        proxy_send_timeout 3s;
+        proxy_read_timeout 3s;"""
 
 
 @dataclass(frozen=True)
@@ -57,22 +111,24 @@ def render(env: Environment, upstreams: Iterable[Upstream]) -> tuple[str, str]:
     """The load balancer's config and its id (a hash of everything else in it, served at
     /booted-lb/config so booted can tell when a reload has taken effect)."""
     ups = sorted(set(upstreams), key=lambda u: (u.address, u.port))
+    live = [u for u in ups if not u.down]
     if not ups:
         # nginx needs at least one server; an unroutable one makes requests fail fast with 502
         servers = "    server 127.0.0.1:9 down;  # no healthy workers"
     else:
-        servers = "\n".join(
-            f"    server {u.address}:{u.port} max_fails=1 fail_timeout=5s{' down' if u.down else ''};" for u in ups
-        )
-    live = sum(1 for u in ups if not u.down)
+        lines = [f"    server {u.address}:{u.port} max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT}"
+                 f"{' down' if u.down else ''};" for u in ups]
+        lines += [f"    server {u.address}:{u.port} backup max_fails=0;" for u in live]
+        servers = "\n".join(lines)
     values = {
         "env": env.name,
         "upstream": upstream_name(env),
         "servers": servers,
         "port": env.lb_port,
-        "tries": max(2, min(live, 4)),
-        "connect_timeout": "1s",
-        "read_timeout": "3s",
+        "keepalive": UPSTREAM_KEEPALIVE,
+        "closing_flag": CLOSING_FLAG,
+        # every primary and every backup once
+        "proxy_settings": PROXY_SETTINGS.format(tries=max(2, 2 * len(live))),
     }
     config_id = hashlib.sha256(templates.render(TEMPLATE, {**values, "config_id": ""}).encode()).hexdigest()[:16]
     return templates.render(TEMPLATE, {**values, "config_id": config_id}), config_id
@@ -88,7 +144,8 @@ def loadbalancers(cfg: Config, env: Environment) -> list[HostEntry]:
 
 def push(cfg: Config, lb: HostEntry, text: str) -> None:
     with ssh.connect(lb.address, cfg) as conn:
-        ssh.run_with_input(conn, ["sh", "-c", PUSH_SCRIPT, "lb-push"], text.encode(), sudo=True, timeout=30)
+        ssh.run_with_input(conn, ["sh", "-c", PUSH_SCRIPT, "lb-push", CLOSING_FLAG, f"{RELOAD_GRACE_S:g}"],
+                           text.encode(), sudo=True, timeout=60)
 
 
 def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),

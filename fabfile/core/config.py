@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -72,12 +74,23 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def load_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(path), "file not found (set BOOTED_CONFIG or create it)") from None
     except OSError as err:
         raise ConfigError(str(path), f"cannot read: {err.strerror}") from None
-    loader = _Loader(text)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(path), f"not UTF-8 text (byte 0x{raw[err.start]:02x})",
+                          line=raw[:err.start].count(b"\n") + 1) from None
+    try:
+        loader = _Loader(text)  # the reader refuses a NUL or other unprintable character at once
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = getattr(err, "position", None)
+        at: int | None = mark.line + 1 if mark else (text[:where].count("\n") + 1 if isinstance(where, int) else None)
+        raise ConfigError(str(path), f"not valid YAML: {getattr(err, 'reason', None) or err}", line=at) from None
     loader.name = str(path)
     try:
         return loader.get_single_data()
@@ -85,8 +98,8 @@ def load_yaml(path: Path) -> Any:
         raise
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark else None
-        raise ConfigError(str(path), f"not valid YAML: {err.problem or err.context}", line=line) from None
+        raise ConfigError(str(path), f"not valid YAML: {err.problem or err.context}",
+                          line=mark.line + 1 if mark else None) from None
     except yaml.YAMLError as err:
         raise ConfigError(str(path), f"not valid YAML: {err}") from None
     finally:
@@ -165,6 +178,8 @@ def _join(keypath: str, key: str) -> str:
 
 
 def positive(value: Any) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     return None if value > 0 else "must be greater than 0"
 
 
@@ -448,6 +463,8 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
         if not members:
             chk.fail(rkp, "must name at least one image", roles_map, role)
         for i, image in enumerate(members):
+            if not isinstance(image, str):
+                chk.fail(f"{rkp}[{i}]", f"must be an image name, not {kind_of(image)}", roles_map, role)
             if image not in seen:
                 chk.fail(f"{rkp}[{i}]", f"names image {image!r}, which is not in {kp}.images", roles_map, role)
         if len(set(members)) != len(members):
@@ -481,6 +498,7 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
         min_workers=w["min"],
         max_workers=w["max"],
         lb_port=f["lb_port"],
-        monitor=MonitorSettings(**{k: (float(v) if isinstance(spec[k][1], float) else v) for k, v in mon.items()}),
+        monitor=MonitorSettings(**{k: (float(v) if isinstance(spec[k][1], float) else v)  # type: ignore[arg-type]
+                                   for k, v in mon.items()}),
         source=f"{chk.path}:{body.line}" if body.line else chk.path,
     )

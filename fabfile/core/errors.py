@@ -6,8 +6,12 @@ a ``BootedError`` into ``invoke.Exit(message, code)``, so ``fab`` prints one lin
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from invoke import Exit
 
@@ -78,11 +82,36 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except BootedError as err:
-            raise Exit(f"error: {err}", code=err.exit_code) from None
-        except KeyboardInterrupt:
-            raise Exit("interrupted", code=130) from None
+        with terminate_as_interrupt():
+            try:
+                return func(*args, **kwargs)
+            except BootedError as err:
+                raise Exit(f"error: {err}", code=err.exit_code) from None
+            except Terminated:
+                raise Exit("terminated", code=143) from None
+            except KeyboardInterrupt:
+                raise Exit("interrupted", code=130) from None
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: every cleanup written for Ctrl-C (a half-built VM, a served kickstart) runs."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` (unless someone already handles SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

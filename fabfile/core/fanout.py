@@ -6,9 +6,10 @@ they share this instead of each growing its own thread loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import TypeVar
 
 from fabfile.core.errors import BootedError
 from fabfile.core.output import host_line, say

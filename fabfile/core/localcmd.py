@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from fabfile.core.errors import CommandError
 
@@ -40,7 +40,7 @@ def run(
 ) -> CommandResult:
     """Run ``argv`` (a list; no shell) and return its result; raise ``CommandError`` if ``check``."""
     argv = [str(a) for a in argv]
-    full_env = dict(os.environ)
+    full_env = child_environ()
     if env:
         full_env.update(env)
     try:
@@ -70,6 +70,17 @@ def run(
             result,
         )
     return result
+
+
+def is_secret_variable(name: str) -> bool:
+    """Variables that hold secrets booted reads itself (the root password, repository URLs, which
+    may carry credentials): no child process needs them."""
+    return name == "BOOTED_PW" or name.endswith("_REPO")
+
+
+def child_environ() -> dict[str, str]:
+    """booted's environment without its secrets: what every local command starts from."""
+    return {k: v for k, v in os.environ.items() if not is_secret_variable(k)}
 
 
 def process_alive(pid: int, name: bytes | None = None) -> bool:

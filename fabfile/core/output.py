@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from fabfile.core.errors import WaitTimeout
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], empty: str = "(none)") -> str:
     """A plain-text table with a header row; ``empty`` when there are no rows."""
-    rows = [["" if v is None else str(v) for v in row] for row in rows]
-    if not rows:
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    if not cells:
         return empty
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    for row in rows:
+    for row in cells:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
 
@@ -34,6 +34,23 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def poll(check: Callable[[], object], *, timeout: float, interval: float = 0.05,
+         on_tick: Callable[[float], None] | None = None) -> object:
+    """booted's one deadline loop: call ``check`` until it returns something truthy (returned) or
+    ``timeout`` seconds pass (None). ``on_tick(elapsed)`` runs after each unsuccessful check."""
+    start = time.monotonic()
+    while True:
+        value = check()
+        if value:
+            return value
+        elapsed = time.monotonic() - start
+        if elapsed >= timeout:
+            return None
+        if on_tick is not None:
+            on_tick(elapsed)
+        time.sleep(min(interval, max(0.0, timeout - elapsed)))
+
+
 def wait_until(
     check: Callable[[], object],
     *,
@@ -48,16 +65,15 @@ def wait_until(
 
     ``what`` completes "waiting for ...": e.g. ``"web1 to answer on SSH"``.
     """
-    start = time.monotonic()
-    next_report = start + report_every
-    while True:
-        value = check()
-        if value:
-            return value
-        now = time.monotonic()
-        if now - start >= timeout:
-            raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}" + (f"; {hint}" if hint else ""))
-        if now >= next_report:
-            report(f"... still waiting for {what} ({now - start:.0f}s of {timeout:g}s)")
-            next_report = now + report_every
-        time.sleep(min(interval, max(0.0, timeout - (now - start))))
+    next_report = report_every
+
+    def tick(elapsed: float) -> None:
+        nonlocal next_report
+        if elapsed >= next_report:
+            report(f"... still waiting for {what} ({elapsed:.0f}s of {timeout:g}s)")
+            next_report = elapsed + report_every
+
+    value = poll(check, timeout=timeout, interval=interval, on_tick=tick)
+    if not value:
+        raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}" + (f"; {hint}" if hint else ""))
+    return value

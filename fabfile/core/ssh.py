@@ -3,31 +3,32 @@
 * user: ``BOOTED_USER``, else ``settings.ssh.user`` (default ``booted``);
 * key: ``settings.ssh.key`` or ``BOOTED_SSH_KEY``, else a key pair generated once into the state dir;
 * a connect timeout, TCP_NODELAY (paramiko leaves Nagle on, which costs ~40 ms per command);
-* host keys pinned on first contact into ``state/ssh/known_hosts`` and refused on mismatch.
+* host keys pinned on first contact into ``state/ssh/known_hosts`` and refused on mismatch;
+* nothing from the operator: no ``~/.ssh/config`` or ``/etc/ssh/ssh_config`` (no agent forwarding,
+  no foreign identity files, no proxy), no ssh agent, no fabric/invoke config files; port 22.
 
 Remote commands are argument lists; ``run`` quotes every item with ``shlex.quote``.
-
-paramiko and fabric are imported when the first connection is made, not when booted starts: they
-cost about a third of `fab --list`'s start-up, and most tasks never open a connection.
 """
 from __future__ import annotations
 
-import functools
+import base64
 import os
 import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
+
+import paramiko
+from fabric import Config as FabricConfig
+from fabric import Connection
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError, HostError
 from fabfile.core.state import atomic_write, locked, state_path
 
-if TYPE_CHECKING:
-    from fabric import Connection
-
 DEFAULT_USER = "booted"
+SSH_PORT = 22
 
 
 def keypair(config=None) -> tuple[str, str]:
@@ -52,6 +53,85 @@ def user(config=None) -> str:
 
 def known_hosts_path() -> Path:
     return state_path("ssh", "known_hosts")
+
+
+def _load_pins(path: Path) -> paramiko.HostKeys:
+    keys = paramiko.HostKeys()
+    if path.exists():
+        try:
+            keys.load(str(path))
+        except (UnicodeDecodeError, paramiko.SSHException, ValueError) as err:
+            raise BootedError(f"{path}: not a known_hosts file ({err}); remove it (pins are made again on next contact)") from None
+    return keys
+
+
+def _save_pins(keys: paramiko.HostKeys, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    keys.save(str(tmp))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
+    """Accept and record a host key the first time a host is seen; refuse a different one later.
+
+    ``like``: an address whose pinned key the new host must present (a clone, which inherited its
+    source's host keys until booted re-keys it); then nothing unlike it is ever pinned.
+    """
+
+    def __init__(self, like: str | None = None):
+        self.like = like
+
+    def missing_host_key(self, client, hostname, key):
+        path = known_hosts_path()
+        with locked("known_hosts"):
+            keys = _load_pins(path)
+            known = keys.lookup(hostname)
+            if known:
+                stored = known.get(key.get_name())
+                if stored is not None and stored == key:
+                    return
+                raise HostError(
+                    hostname,
+                    f"host key does not match the one pinned in {path}; if the host was rebuilt, "
+                    f"run `fab hosts-forget --host {hostname}`",
+                )
+            if self.like:
+                source = keys.lookup(self.like) or {}
+                if source.get(key.get_name()) != key:
+                    raise HostError(hostname, f"presents a host key unlike the one pinned for {self.like}, "
+                                              "the image it claims to be a clone of; not trusted")
+            keys.add(hostname, key.get_name(), key)
+            _save_pins(keys, path)
+
+
+def pinned(address: str) -> bool:
+    with locked("known_hosts"):
+        return _load_pins(known_hosts_path()).lookup(address) is not None
+
+
+def repin(address: str, public_keys: str) -> int:
+    """Replace the pins of ``address`` with ``public_keys`` (``type base64 [comment]`` lines, read
+    from the host over an already authenticated channel); the number pinned."""
+    new = []
+    for line in public_keys.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            try:
+                new.append(paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1])))
+            except Exception:  # noqa: BLE001 - a line that is not a key is ignored
+                continue
+    if not new:
+        raise HostError(address, "sent no SSH host key to pin after re-keying")
+    path = known_hosts_path()
+    with locked("known_hosts"):
+        keys = _load_pins(path)
+        if address in keys:
+            del keys[address]
+        for key in new:
+            keys.add(address, key.get_name(), key)
+        _save_pins(keys, path)
+    return len(new)
 
 
 def forget(address: str) -> int:
@@ -79,9 +159,7 @@ def _names_host(patterns: str, address: str) -> bool:
     """Whether a known_hosts host field (comma-separated names, maybe hashed) names ``address``."""
     for name in patterns.split(","):
         if name.startswith("|1|"):
-            from paramiko import HostKeys  # only for hashed entries
-
-            if any(HostKeys.hash_host(form, name) == name for form in (address, f"[{address}]:22")):
+            if any(paramiko.HostKeys.hash_host(form, name) == name for form in (address, f"[{address}]:22")):
                 return True
             continue
         if name == address or (name.startswith(f"[{address}]:")):
@@ -89,83 +167,58 @@ def _names_host(patterns: str, address: str) -> bool:
     return False
 
 
-@functools.cache
-def _connection_classes():
-    """(BootedConnection, PinOnFirstUse), made on first use so paramiko and fabric load only then."""
-    import paramiko
-    from fabric import Connection
+class BootedConnection(Connection):
+    """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
 
-    class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
-        """Accept and record a host key the first time a host is seen; refuse a different one later."""
+    def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None,
+                 like: str | None = None):
+        connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
+        private, _ = keypair(config)
+        super().__init__(
+            host,
+            user=user_name or user(config),
+            port=SSH_PORT,
+            # lazy: no fabric/invoke config files; no ssh_config: the operator's ForwardAgent,
+            # IdentityFile, ProxyJump or Port must not reach managed hosts
+            config=FabricConfig(lazy=True, overrides={"load_ssh_configs": False}),
+            forward_agent=False,
+            gateway=None,
+            connect_timeout=connect_timeout,
+            connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
+        )
+        self.client.set_missing_host_key_policy(PinOnFirstUse(like))
+        pins = _load_pins(known_hosts_path())
+        for hostname, entry in pins.items():
+            for key in entry.values():
+                self.client.get_host_keys().add(hostname, key.get_name(), key)
 
-        def missing_host_key(self, client, hostname, key):
-            path = known_hosts_path()
-            with locked("known_hosts"):
-                keys = paramiko.HostKeys()
-                if path.exists():
-                    keys.load(str(path))
-                known = keys.lookup(hostname)
-                if known:
-                    stored = known.get(key.get_name())
-                    if stored is not None and stored == key:
-                        return
-                    raise HostError(
-                        hostname,
-                        f"host key does not match the one pinned in {path}; if the host was rebuilt, "
-                        f"run `fab hosts-forget --host {hostname}`",
-                    )
-                keys.add(hostname, key.get_name(), key)
-                tmp = path.with_suffix(".tmp")
-                keys.save(str(tmp))
-                os.replace(tmp, path)
-
-    class BootedConnection(Connection):
-        """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
-
-        def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None):
-            connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
-            private, _ = keypair(config)
-            super().__init__(
-                host,
-                user=user_name or user(config),
-                connect_timeout=connect_timeout,
-                connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
-            )
-            self.client.set_missing_host_key_policy(PinOnFirstUse())
-            path = known_hosts_path()
-            if path.exists():
-                self.client.get_host_keys().load(str(path))
-
-        def open(self):
-            if not self.is_connected:
-                try:
-                    sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-                except OSError as err:
-                    raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.connect_kwargs["sock"] = sock
+    def open(self):
+        if not self.is_connected:
             try:
-                return super().open()
-            except paramiko.BadHostKeyException:
-                raise HostError(
-                    self.host,
-                    f"host key does not match the one pinned in {known_hosts_path()}; if the host was rebuilt, "
-                    f"run `fab hosts-forget --host {self.host}`",
-                ) from None
-            except paramiko.AuthenticationException:
-                raise HostError(self.host, f"SSH login as {self.user!r} with booted's key was refused") from None
-            except (paramiko.SSHException, OSError) as err:
-                raise HostError(self.host, f"SSH failed: {err}") from None
-            finally:
-                self.connect_kwargs.pop("sock", None)
+                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            except OSError as err:
+                raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connect_kwargs["sock"] = sock
+        try:
+            return super().open()
+        except paramiko.BadHostKeyException:
+            raise HostError(
+                self.host,
+                f"host key does not match the one pinned in {known_hosts_path()}; if the host was rebuilt, "
+                f"run `fab hosts-forget --host {self.host}`",
+            ) from None
+        except paramiko.AuthenticationException:
+            raise HostError(self.host, f"SSH login as {self.user!r} with booted's key was refused") from None
+        except (paramiko.SSHException, OSError) as err:
+            raise HostError(self.host, f"SSH failed: {err}") from None
+        finally:
+            self.connect_kwargs.pop("sock", None)
 
-    return BootedConnection, PinOnFirstUse
 
-
-def connect(host: str, config=None, user_name: str | None = None, timeout: float | None = None) -> "Connection":
-    """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket (not yet open)."""
-    booted_connection, _ = _connection_classes()
-    return booted_connection(host, config, user_name, timeout)
+def connect(host: str, config=None, user_name: str | None = None, timeout: float | None = None,
+            like: str | None = None) -> BootedConnection:
+    return BootedConnection(host, config, user_name, timeout, like)
 
 
 @dataclass
@@ -227,8 +280,6 @@ def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sud
     Used to ship a release: the tarball streams straight into ``tar -x`` on the host.
     """
     import time as _time
-
-    import paramiko  # already loaded: conn exists
 
     command = quote(argv)
     if sudo and conn.user != "root":

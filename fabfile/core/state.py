@@ -1,8 +1,11 @@
 """Where booted keeps what it writes, and how it writes it safely.
 
 Everything booted writes lives under one state directory: ``<project>/state`` unless
-``BOOTED_STATE_DIR`` moves it. Shared files are written atomically (temp file in the same
-directory, fsync, rename) and, where two processes could collide, under an advisory lock.
+``BOOTED_STATE_DIR`` moves it. It holds every environment's secret, so it is mode 0700: other
+local users can read nothing in it and cannot open (let alone hold) its lock files. Shared files
+are written atomically (temp file in the same directory, fsync, rename) and, where two processes
+could collide, under an advisory lock that is waited for with a timeout; a lock file names the
+process holding it, so the timeout's message can say who it is.
 """
 from __future__ import annotations
 
@@ -10,19 +13,32 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
+from fabfile.core.errors import BootedError, ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LOCK_TIMEOUT_S = 120.0  # BOOTED_LOCK_TIMEOUT_S overrides it
+_PRIVATE: set[Path] = set()  # state dirs already made private by this process
 
 
 def state_dir() -> Path:
-    """The state directory (created on first use)."""
+    """The state directory (created on first use, mode 0700)."""
     path = Path(os.environ.get("BOOTED_STATE_DIR") or PROJECT_ROOT / "state").resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    if path not in _PRIVATE:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(path, 0o700)  # made by an older booted, or by hand: close it
+        _PRIVATE.add(path)
     return path
 
 
@@ -58,23 +74,83 @@ def atomic_write_json(path: Path | str, obj: Any, mode: int = 0o644) -> Path:
 
 
 def read_json(path: Path | str, default: Any = None) -> Any:
+    """The JSON document in ``path`` (``default`` if there is none); a one-line error naming the
+    file if it is not UTF-8 JSON."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return default
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not UTF-8 text; remove it or restore it from a backup") from None
+    except ValueError as err:
+        line = getattr(err, "lineno", None)
+        raise ConfigError(str(path), f"is not valid JSON ({getattr(err, 'msg', err)}); remove it or restore it "
+                                     "from a backup", line=line) from None
+    except OSError as err:
+        raise ConfigError(str(path), f"cannot read: {err.strerror}") from None
 
 
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(obj, default_flow_style=False, sort_keys=False)
 
 
+def lock_timeout() -> float:
+    try:
+        value = float(os.environ.get("BOOTED_LOCK_TIMEOUT_S") or LOCK_TIMEOUT_S)
+    except ValueError:
+        value = LOCK_TIMEOUT_S
+    return value if value > 0 and value != float("inf") else LOCK_TIMEOUT_S
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock open on ``fd``, as its holder wrote it (``pid N: command``)."""
+    try:
+        text = os.pread(fd, 300, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text.splitlines()[0] if text else "an unknown process"
+
+
 @contextlib.contextmanager
-def locked(name: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock named ``name`` (a file under state/locks) for the block."""
+def locked(name: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock named ``name`` (a file under state/locks) for the block.
+
+    Waits up to ``timeout`` seconds (default ``BOOTED_LOCK_TIMEOUT_S`` or 120), then raises a
+    one-line error naming the process that holds it. The lock file is private (0600, never
+    followed through a symlink) and must belong to booted's own user.
+    """
     path = state_path("locks", f"{name}.lock")
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise BootedError(f"cannot open lock file {path}: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+            raise BootedError(f"lock file {path} belongs to uid {st.st_uid}, not to booted's user; remove it")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+        limit = lock_timeout() if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BootedError(
+                        f"lock {name!r} ({path}) is held by {_holder(fd)}; gave up after {limit:g}s "
+                        "(wait for it to finish, or stop it)") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
         try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n".encode(), 0)
             yield
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

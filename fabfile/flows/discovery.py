@@ -10,12 +10,13 @@ from fabfile.hosts import reach
 from fabfile.core import ssh
 from fabfile.hosts.bootlog import BootedLog, ReadResult
 from fabfile.core.errors import BootedError
-from fabfile.hosts.inventory import HostEntry, Inventory, RecordSummary, mark_reachable
 from fabfile.core.output import progress
-from fabfile.providers import Machine, get_provider
+from fabfile.hosts.inventory import HostEntry, Inventory, RecordSummary, mark_reachable
+from fabfile.providers import CloneRecord, get_provider
 
 # $1 hostname; stdin: the host's new call-home config. A VirtualBox clone inherits its source's
-# name, call-home key and SSH host keys; this gives it its own.
+# name, call-home key and SSH host keys; this gives it its own, and prints its new public host keys
+# (booted pins them: they come over the channel the old, pinned key authenticated).
 RENAME_SCRIPT = r"""
 set -eu
 cat > /etc/booted/callhome.conf.new
@@ -26,20 +27,30 @@ hostname "$1"
 rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
 ssh-keygen -A >/dev/null
 systemctl restart sshd 2>/dev/null || systemctl restart ssh
+cat /etc/ssh/ssh_host_*_key.pub
 """
 
 
-def all_machines(cfg, providers: set[str] | None = None) -> list[Machine]:
-    """Every machine of the given providers (default: all the config uses); one that can't answer
-    is skipped with a note, and its hosts are matched by name."""
-    machines: list[Machine] = []
-    wanted = providers if providers is not None else {e.provider for e in cfg.environments.values()}
-    for name in sorted(wanted):
+def clone_records(cfg, providers: set[str]) -> list[CloneRecord]:
+    """The clones the given providers made (with the MACs booted gave them)."""
+    records: list[CloneRecord] = []
+    for name in sorted(providers):
+        records += get_provider(name, cfg).clone_records()
+    return records
+
+
+def endpoint_addresses(cfg) -> list[str]:
+    """The addresses the configured environments' hosts call home to, made ready on this machine
+    (booted's nginx listens on these and on 127.0.0.1 only)."""
+    addresses = []
+    for name in sorted({env.provider for env in cfg.environments.values()}):
+        provider = get_provider(name, cfg)
         try:
-            machines += get_provider(name, cfg).list()
+            provider.endpoint_ready()
         except BootedError as err:
-            progress(f"note: cannot list {name} images ({err}); matching by name only")
-    return machines
+            progress(f"note: {name} hosts cannot reach booted yet: {err}")
+        addresses.append(provider.booted_address())
+    return addresses
 
 
 def log_path(override: str | None = None) -> Path:
@@ -54,8 +65,7 @@ def read_log(cfg, path: Path, full: bool = False) -> ReadResult:
 def record(cfg, result: ReadResult) -> RecordSummary:
     """Record the calls of ``result``, matching them through the providers of their environments."""
     providers = {cfg.environments[c.env].provider for c in result.calls if c.env in cfg.environments}
-    machines = all_machines(cfg, providers) if providers else []
-    return Inventory().record_calls(result.calls, machines, cfg)
+    return Inventory().record_calls(result.calls, clone_records(cfg, providers), cfg)
 
 
 def probe_inventory(env: str | None = None, timeout: float = 1.0) -> dict[str, bool]:
@@ -100,10 +110,28 @@ def fix_hostnames(cfg) -> list[tuple[str, str]]:
 
 
 def rename_host(cfg, entry: HostEntry) -> None:
+    """Give a clone its own name, call-home key and SSH host keys, once it proved it is that clone.
+
+    The proof, all checked again here before any key leaves booted: the inventory recorded it as
+    the clone (a call signed by its source's key, with the MAC booted recorded for the clone); the
+    provider still reports that MAC for the clone; and over SSH it presents its source's pinned
+    host key (a clone inherits it), if that source was ever pinned.
+    """
     env = cfg.env(entry.env)
-    conf = callhome.host_config(env.name, entry.image, get_provider(env.provider, cfg).callhome_url())
-    with ssh.connect(entry.address, cfg) as conn:
-        ssh.run_with_input(conn, ["sh", "-c", RENAME_SCRIPT, "rename", names.hostname_for(entry.image)],
-                           conf.encode(), sudo=True, timeout=30)
-    # its new host keys are pinned on the next contact
-    ssh.forget(entry.address)
+    provider = get_provider(env.provider, cfg)
+    record = next((r for r in provider.clone_records() if r.image == entry.image), None)
+    if record is None or record.source != entry.name or entry.mac not in record.macs:
+        raise BootedError(f"not renamed: booted has no record of {entry.image} as a clone of {entry.name} "
+                          f"with MAC {entry.mac}")
+    machine = provider.get(entry.image)
+    if machine is None or entry.mac not in machine.macs:
+        raise BootedError(f"not renamed: {env.provider} no longer reports MAC {entry.mac} for {entry.image}")
+    source = {e.image: e for e in Inventory().load()}.get(entry.name)
+    like = source.address if source is not None and ssh.pinned(source.address) else None
+    with ssh.connect(entry.address, cfg, like=like) as conn:
+        conn.open()  # proves the host key before the new key is drawn
+        callhome.new_host_key(env.name, entry.image)
+        conf = callhome.host_config(env.name, entry.image, provider.callhome_url())
+        result = ssh.run_with_input(conn, ["sh", "-c", RENAME_SCRIPT, "rename", names.hostname_for(entry.image)],
+                                    conf.encode(), sudo=True, timeout=30)
+    ssh.repin(entry.address, result.stdout)

@@ -39,8 +39,9 @@ def provider_of(cfg: Config, env: Environment) -> Provider:
 
 def ensure_nginx(cfg: Config) -> None:
     """booted's nginx must run for hosts to call home; start it (without rotating) if it doesn't."""
-    if not nginxctl.status(cfg).running:
-        action, _ = nginxctl.restart(cfg, rotate=False)
+    reach = discovery.endpoint_addresses(cfg)
+    if not nginxctl.status(cfg).running or nginxctl.running_config_differs(cfg, reach):
+        action, _ = nginxctl.restart(cfg, rotate=False, reach=reach)
         progress(f"booted nginx {action} on port {cfg.nginx['port']}")
 
 
@@ -203,14 +204,26 @@ def serving_version(address: str, port: int) -> str | None:
     return body.strip() if status == 200 else None
 
 
-def rolling_deploy(cfg: Config, env: Environment, version: str | None = None,
-                   images: list[str] | None = None) -> list[HostResult]:
-    """Deploy to a running, balanced environment one worker at a time: drain, switch, check, undrain.
+# How long a drained worker gets to finish the requests it has before it is changed or stopped
+# (hello itself also finishes in-flight requests on SIGTERM).
+DRAIN_TIMEOUT_S = 10
 
-    ``images`` limits it to some workers (the others keep serving throughout)."""
+
+def drain_wait(conn, svc: services.Service, image: str) -> None:
+    """After a worker left the load balancers: wait until nothing is connected to its service."""
+    left = release.wait_idle(conn, svc, DRAIN_TIMEOUT_S)
+    if left:
+        progress(f"{image}: {left} connections still open {DRAIN_TIMEOUT_S}s after draining; going on")
+
+
+def rolling(cfg: Config, env: Environment, change, images: list[str] | None = None) -> list[HostResult]:
+    """Change a running, balanced environment one worker at a time: drain it (marked down, its
+    in-flight requests finished), ``change(conn, entry)`` (returns a one-line detail and records
+    the version it now serves), check it answers as that version (readiness), put it back.
+
+    ``images`` limits it to some workers (the others keep serving throughout). A failure leaves
+    that worker drained, so users never reach it, and stops the rollout."""
     svc = service_of(env)
-    version = version or env.version
-    rel = release.prepare(svc, version)
     refresh_reachability(cfg, env)
     workers = loadbalancer.healthy_workers(cfg, env)
     results: list[HostResult] = []
@@ -220,15 +233,13 @@ def rolling_deploy(cfg: Config, env: Environment, version: str | None = None,
         start = time.monotonic()
         try:
             loadbalancer.update(cfg, env, svc.port, drain={entry.image}, workers=workers)
-            time.sleep(0.5)  # let requests already on their way to it finish
             with ssh.connect(entry.address, cfg) as conn:
-                detail = release.deploy_to(conn, svc, rel, cfg.deploy["keep_releases"], float(cfg.deploy["timeout_s"]))
-            release.record(entry.address, svc.name, rel.version, rel.commit)
-            release.check_service(entry.address, svc, version)
+                drain_wait(conn, svc, entry.image)
+                detail = change(conn, entry)
+            release.check_service(entry.address, svc, release.deployed_version(entry.address, svc.name))
             loadbalancer.update(cfg, env, svc.port, workers=workers)
             result = HostResult(entry.image, True, detail)
         except BootedError as err:
-            # leave the host drained so users never reach a broken release; stop the rollout
             result = HostResult(entry.image, False, f"{err} (left drained; rollout stopped)")
             result.seconds = time.monotonic() - start
             say(host_line(entry.image, False, result.detail))
@@ -240,10 +251,30 @@ def rolling_deploy(cfg: Config, env: Environment, version: str | None = None,
     return results
 
 
-def deploy_balanced_or_parallel(cfg: Config, svc: services.Service, version: str | None,
-                                env_name: str | None) -> list[HostResult]:
-    """hello-deploy: environments whose load balancer is up get a rolling deploy (users see no
-    failed request); workers without a live load balancer are deployed all at once."""
+def rolling_deploy(cfg: Config, env: Environment, version: str | None = None,
+                   images: list[str] | None = None) -> list[HostResult]:
+    """Deploy ``version`` (default: the environment's) worker by worker behind the load balancers."""
+    svc = service_of(env)
+    rel = release.prepare(svc, version or env.version)
+
+    def change(conn, entry) -> str:
+        detail = release.deploy_to(conn, svc, rel, cfg.deploy["keep_releases"], float(cfg.deploy["timeout_s"]))
+        release.record(entry.address, svc.name, rel.version, rel.commit)
+        return detail
+
+    return rolling(cfg, env, change, images)
+
+
+def rolling_rollback(cfg: Config, env: Environment) -> list[HostResult]:
+    """Switch every worker back to its previous release, one at a time behind the load balancers."""
+    svc = service_of(env)
+    return rolling(cfg, env, lambda conn, entry: release.rollback_on(conn, svc, float(cfg.deploy["timeout_s"])))
+
+
+def _balanced_or_parallel(cfg: Config, svc: services.Service, env_name: str | None, what: str,
+                          balanced, parallel) -> list[HostResult]:
+    """Environments whose load balancer is up get ``balanced(env)`` (one worker at a time, users
+    see no failed request); the others ``parallel(env_name, images)`` (all workers at once)."""
     results: list[HostResult] = []
     by_env: dict[str, list[rollout.Target]] = {}
     for t in rollout.targets(cfg, svc.name, env_name):
@@ -251,11 +282,26 @@ def deploy_balanced_or_parallel(cfg: Config, svc: services.Service, version: str
     for name, group in by_env.items():
         env = cfg.env(name)
         if has_live_loadbalancer(cfg, env):
-            say(f"== {name}: rolling deploy behind its load balancer, one worker at a time")
-            results += rolling_deploy(cfg, env, version)
+            say(f"== {name}: {what} behind its load balancer, one worker at a time")
+            results += balanced(env)
         else:
-            results += rollout.deploy(cfg, svc, version, name, images=[t.entry.image for t in group])
+            results += parallel(name, [t.entry.image for t in group])
     return results
+
+
+def deploy_balanced_or_parallel(cfg: Config, svc: services.Service, version: str | None,
+                                env_name: str | None) -> list[HostResult]:
+    """hello-deploy: rolling behind a live load balancer, else on all workers at once."""
+    return _balanced_or_parallel(cfg, svc, env_name, "rolling deploy",
+                                 lambda env: rolling_deploy(cfg, env, version),
+                                 lambda name, images: rollout.deploy(cfg, svc, version, name, images=images))
+
+
+def rollback_balanced_or_parallel(cfg: Config, svc: services.Service, env_name: str | None) -> list[HostResult]:
+    """hello-rollback: rolling behind a live load balancer, else on all workers at once."""
+    return _balanced_or_parallel(cfg, svc, env_name, "rolling rollback",
+                                 lambda env: rolling_rollback(cfg, env),
+                                 lambda name, images: rollout.rollback(cfg, svc, name, images=images))
 
 
 def refresh_reachability(cfg: Config, env: Environment) -> list[str]:
@@ -327,11 +373,18 @@ def start_worker(cfg: Config, env: Environment, image: str) -> str:
 
 
 def stop_image(cfg: Config, env: Environment, image: str) -> None:
-    """Take one image out of the load balancers, then stop it and forget it."""
+    """Take one image out of the load balancers, let its last requests finish, then stop it and
+    forget it (the monitor's scale-down and env-stop-worker)."""
     svc = service_of(env)
     if image in env.workers and loadbalancer.loadbalancers(cfg, env):
-        workers = [w for w in loadbalancer.healthy_workers(cfg, env) if w.image != image]
-        loadbalancer.update(cfg, env, svc.port, workers=workers)
+        entries = loadbalancer.healthy_workers(cfg, env)
+        loadbalancer.update(cfg, env, svc.port, workers=[w for w in entries if w.image != image])
+        for entry in (w for w in entries if w.image == image):
+            try:
+                with ssh.connect(entry.address, cfg, timeout=3) as conn:   # a dead worker is often why
+                    drain_wait(conn, svc, image)
+            except BootedError as err:  # unreachable: nothing to drain, stop it all the same
+                progress(f"{image}: not drained ({err})")
     prov = provider_of(cfg, env)
     machine = prov.get(image)
     if machine is not None and machine.running:

@@ -29,17 +29,30 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
-from fabfile.flows import environment
 from fabfile.balancing import loadbalancer
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError
-from fabfile.hosts.inventory import Inventory
-from fabfile.scaling.policy import ABANDON, DOWN, HOLD, REPLACE, UP, Decision, Observation, Policy, PolicyState, Sample, percentile
 from fabfile.core.state import atomic_write_json, locked, state_path
+from fabfile.flows import environment
+from fabfile.hosts.inventory import Inventory
+from fabfile.scaling.policy import (
+    ABANDON,
+    DOWN,
+    HOLD,
+    REPLACE,
+    UP,
+    Decision,
+    Observation,
+    Policy,
+    PolicyState,
+    Sample,
+    percentile,
+)
 
 STATE_VERSION = 1
 
@@ -206,9 +219,11 @@ class StateStore:
         """The saved state (a fresh one if there is none); workers no longer declared are dropped."""
         with locked(self.lock):
             try:
-                text = self.path.read_text()
+                text = self.path.read_bytes().decode("utf-8")
             except FileNotFoundError:
                 return PolicyState()
+            except UnicodeDecodeError:
+                text = "\0"  # not JSON: reported below like any other damage
         hint = "fix or delete it (the monitor then forgets which workers it started)"
         try:
             doc = json.loads(text)
@@ -268,7 +283,7 @@ class Signals:
     def __init__(self):
         self.received: list[str] = []
         self.in_step = False
-        self._saved: dict[int, object] = {}
+        self._saved: dict[int, Any] = {}  # signal.signal's previous handlers, whatever they were
 
     @property
     def stop_requested(self) -> bool:
@@ -319,9 +334,9 @@ class Monitor:
         try:
             while not self.signals.stop_requested:
                 started = time.monotonic()
-                self.tick()
-                if once:
-                    return 0
+                decision = self.tick()
+                if once:  # success only if it observed the environment and decided something
+                    return 0 if decision is not None else 1
                 self.signals.sleep(s.interval_s - (time.monotonic() - started))
         except BootedError as err:  # e.g. the state cannot be saved: acting on without it would be blind
             self.log.write(f"stopped: {err}")

@@ -5,8 +5,8 @@ workers answer), asks these functions what to do, and does it. Tests drive them 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from fabfile.hosts.inventory import HostEntry
 from fabfile.providers.base import Machine

@@ -68,14 +68,15 @@ def deploy(cfg: Config, svc: services.Service, version: str | None, env_name: st
     return results
 
 
-def rollback(cfg: Config, svc: services.Service, env_name: str | None) -> list[HostResult]:
+def rollback(cfg: Config, svc: services.Service, env_name: str | None,
+             images: list[str] | None = None) -> list[HostResult]:
     timeout = float(cfg.deploy["timeout_s"])
 
     def one(t: Target) -> str:
         with ssh.connect(t.entry.address, cfg) as conn:
             return release.rollback_on(conn, svc, timeout)
 
-    return fan_out(targets(cfg, svc.name, env_name), one, label=lambda t: t.label, parallel=cfg.deploy["parallel"])
+    return fan_out(targets(cfg, svc.name, env_name, images), one, label=lambda t: t.label, parallel=cfg.deploy["parallel"])
 
 
 def control(cfg: Config, svc: services.Service, env_name: str | None, action: str) -> list[HostResult]:

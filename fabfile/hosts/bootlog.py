@@ -7,8 +7,10 @@ booted's nginx writes one line per call home::
 nginx escapes ``"``, ``\\`` and every byte below 0x20 or above 0x7e as ``\\xXX``, so a line is
 printable ASCII; ``$args`` is the raw, still URL-encoded query string. Anyone who can reach nginx
 can put a line in the log, so a line counts only if every field is well-formed, its environment is
-configured, its signature verifies (``callhome.verify``) and the address it claims is the address
-nginx saw. Everything else is skipped and counted by reason; nothing from a line is ever run, and
+configured, it names an image booted made a key for, its timestamp is within ``CLOCK_WINDOW_S`` of
+the time nginx received it (a recorded call replayed later is refused), its signature verifies
+(``callhome.Keyring``) and the address it claims is the address nginx saw. A wrongly signed line
+costs about what a junk line costs: keys come from memory, never from a file read per line. Everything else is skipped and counted by reason; nothing from a line is ever run, and
 parsing never raises on what a line contains.
 
 ``BootedLog.read_new`` reads the log incrementally: a cursor (device, inode, offset) in a small
@@ -23,6 +25,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from fabfile.core.errors import BootedError, UsageError
 from fabfile.core.state import atomic_write_json, locked, read_json, state_path
 
 MAX_LINE = 4096  # bytes, without the newline; a real call home is about 250
+CLOCK_WINDOW_S = 900  # a host's clock may be this far from nginx's, either way
 QUERY_KEYS = ("env", "name", "mac", "addr", "ts", "sig")
 
 # Why a line was skipped: the keys of ReadResult.skipped.
@@ -53,14 +57,24 @@ BAD_MAC = "bad-mac"
 BAD_ADDR = "bad-addr"  # addr is not a dotted IPv4 address
 FORGED_ADDR = "forged-address"  # addr is not the address nginx saw
 BAD_TS = "bad-ts"
+TS_WINDOW = "outside-time-window"  # ts too far from when nginx received the call: stale or replayed
+UNKNOWN_IMAGE = "unknown-image"  # names no image booted made a key for
 BAD_SIGNATURE = "bad-signature"  # not 64 hex digits, or does not verify
 REASONS = (
     MALFORMED, OVERLONG, ESCAPED, BAD_QUERY, IPV6, LOOPBACK, CONTROL_HOST, UNKNOWN_ENV,
-    BAD_NAME, BAD_MAC, BAD_ADDR, FORGED_ADDR, BAD_TS, BAD_SIGNATURE,
+    BAD_NAME, BAD_MAC, BAD_ADDR, FORGED_ADDR, BAD_TS, TS_WINDOW, UNKNOWN_IMAGE, BAD_SIGNATURE,
 )
 
 # $args sits between quotes; nginx wrote any '"' inside it as \x22
 _LINE = re.compile(r'booted1 ([0-9A-Fa-f:.]{1,45}) ([0-9]{1,12}\.[0-9]{3}) "([\x20\x21\x23-\x7e]*)"')
+# The exact shape booted-callhome's request takes in the log (urlencode, keys in its order): such a
+# line needs none of the general parsing below, only the checks that need state (so a forged line,
+# however well-formed, costs about what a junk line costs). Anything else takes the general path.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL = re.compile(
+    rf'booted1 ({_OCTET}(?:\.{_OCTET}){{3}}) ([0-9]{{1,12}}\.[0-9]{{3}}) "env=([a-z][a-z0-9-]{{0,31}})'
+    r"&name=([A-Za-z0-9][A-Za-z0-9._-]{0,62})&mac=((?:[0-9a-f]{2}%3A){5}[0-9a-f]{2})&addr=\1"
+    r'&ts=([0-9]{1,12})&sig=([0-9a-f]{64})"')
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _TS = re.compile(r"[0-9]{1,12}")
@@ -68,7 +82,6 @@ _SIG = re.compile(r"[0-9a-f]{64}")
 _CURSOR_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _HEAD = 256  # bytes of the log's start remembered to notice a file rewritten in place
 _CHUNK = 1 << 20
-_KEY_CACHE = 4096
 
 
 @dataclass(frozen=True)
@@ -95,11 +108,11 @@ class ReadResult:
 
 # --------------------------------------------------------------------------- one line
 def parse_line(line: str | bytes, config: Config, control: Collection[str] = (),
-               keys: dict[tuple[str, str], str] | None = None) -> Call | str:
+               keys: callhome.Keyring | None = None) -> Call | str:
     """A ``Call`` if ``line`` is a genuine call home, else the reason (one of ``REASONS``) to skip it.
 
-    ``control`` holds this machine's own addresses. ``keys``, if given, caches host keys across
-    lines (see ``_verify``). Never raises on the line's contents.
+    ``control`` holds this machine's own addresses. ``keys``, if given, holds host keys across
+    lines. Never raises on the line's contents.
     """
     if isinstance(line, bytes):
         line = line.removesuffix(b"\n")
@@ -112,6 +125,9 @@ def parse_line(line: str | bytes, config: Config, control: Collection[str] = (),
     line = line.removesuffix("\n")
     if len(line) > MAX_LINE:
         return OVERLONG
+    canonical = _CANONICAL.fullmatch(line)
+    if canonical:
+        return _parse_canonical(canonical, config, control, keys)
     match = _LINE.fullmatch(line)
     if not match:
         return MALFORMED
@@ -149,23 +165,38 @@ def parse_line(line: str | bytes, config: Config, control: Collection[str] = (),
         return FORGED_ADDR
     if not _TS.fullmatch(ts):
         return BAD_TS
-    if not _SIG.fullmatch(sig) or not _verify(keys, env, name, mac, addr, ts, sig):
+    if abs(int(ts) - float(msec)) > CLOCK_WINDOW_S:
+        return TS_WINDOW
+    if not _SIG.fullmatch(sig):
+        return BAD_SIGNATURE
+    key = (keys or callhome.Keyring(config)).key(env, name)
+    if key is None:
+        return UNKNOWN_IMAGE
+    if not hmac.compare_digest(callhome.signature(key, env, name, mac, addr, ts), sig):
         return BAD_SIGNATURE
     return Call(env=env, name=name, mac=mac, addr=addr, ts=int(ts), seen_at=float(msec))
 
 
-def _verify(keys: dict[tuple[str, str], str] | None, env: str, name: str, mac: str, addr: str, ts: str,
-            sig: str) -> bool:
-    """``callhome.verify``; with ``keys``, each host key is derived once per read instead of once
-    per line (deriving reads the environment's secret file under a lock: 0.3 ms a line)."""
-    if keys is None:
-        return callhome.verify(env, name, mac, addr, ts, sig)
-    key = keys.get((env, name))
+def _parse_canonical(match: re.Match, config: Config, control: Collection[str],
+                     keys: callhome.Keyring | None) -> Call | str:
+    """``parse_line`` for a line in booted-callhome's exact shape: the same checks, in the same order,
+    minus those the pattern already made (address, MAC, name, timestamp and signature syntax)."""
+    addr, msec, env, name, mac, ts, sig = match.groups()
+    if addr.startswith("127."):
+        return LOOPBACK
+    if addr in control:
+        return CONTROL_HOST
+    if env not in config.environments:
+        return UNKNOWN_ENV
+    if abs(int(ts) - float(msec)) > CLOCK_WINDOW_S:
+        return TS_WINDOW
+    key = (keys or callhome.Keyring(config)).key(env, name)
     if key is None:
-        if len(keys) >= _KEY_CACHE:  # many names in one log: start over rather than grow
-            keys.clear()
-        key = keys[(env, name)] = callhome.host_key(env, name)
-    return hmac.compare_digest(callhome.signature(key, env, name, mac, addr, ts), sig)
+        return UNKNOWN_IMAGE
+    mac = mac.replace("%3A", ":")
+    if not hmac.compare_digest(callhome.signature(key, env, name, mac, addr, ts), sig):
+        return BAD_SIGNATURE
+    return Call(env=env, name=name, mac=mac, addr=addr, ts=int(ts), seen_at=float(msec))
 
 
 def _split_query(args: str) -> dict[str, str] | None:
@@ -215,10 +246,10 @@ def control_addresses() -> set[str]:
 
 
 def parse_lines(lines: Iterable[bytes | str | None], config: Config, control: Collection[str] = (),
-                result: ReadResult | None = None, keys: dict | None = None) -> ReadResult:
+                result: ReadResult | None = None, keys: callhome.Keyring | None = None) -> ReadResult:
     """Parse ``lines`` into ``result`` (a new one by default); ``None`` stands for an overlong line."""
     result = ReadResult() if result is None else result
-    keys = {} if keys is None else keys
+    keys = callhome.Keyring(config) if keys is None else keys
     for raw in lines:
         result.lines += 1
         parsed = OVERLONG if raw is None else parse_line(raw, config, control, keys)
@@ -285,6 +316,8 @@ class BootedLog:
     # -- internals
     def _open(self):
         try:
+            if self.path.exists() and not stat.S_ISREG(self.path.stat().st_mode):
+                raise BootedError(f"booted log {self.path} is not a regular file (a device, FIFO or folder)")
             return open(self.path, "rb")
         except FileNotFoundError:
             raise BootedError(f"booted log {self.path} does not exist (is booted's nginx running? `fab restart-nginx`)") from None
@@ -313,7 +346,7 @@ class BootedLog:
 
     def _read(self, fh, start: int, result: ReadResult) -> None:
         result.start = result.end = start
-        control, keys = self.control, {}
+        control, keys = self.control, callhome.Keyring(self.config)
         for line, end in _complete_lines(fh, start):
             parse_lines((line,), self.config, control, result, keys)
             result.end = end
@@ -361,7 +394,7 @@ def _load_cursor(path: Path) -> dict | None:
     """The saved cursor, or None if there is none or it is unreadable (then the log is read again)."""
     try:
         cursor = read_json(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, BootedError):
         return None
     if not isinstance(cursor, dict):
         return None

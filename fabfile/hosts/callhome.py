@@ -1,19 +1,25 @@
 """The call-home contract, control side: secrets, per-host keys, signatures, host config.
 
 Each environment has a random secret in the state dir (mode 0600). A host never sees it: it gets
-its own key, ``HMAC(env secret, "host:" + image)``, so a leaked host key can only speak for that
-one host. A call home is signed with the host key over ``env|name|mac|addr|ts``; ``hosts-logged``
-re-derives the key from the name and checks the signature, and that ``addr`` is the address nginx
-saw. The kickstart's %post and the local image builder install the same two files from
-``kickstart/firstboot/`` plus the per-host config made here.
+its own key, ``HMAC(env secret, "host:" + image + ":" + generation)``, so a leaked host key can
+only speak for that one host. The generation is a random value drawn each time the image is built
+(or a clone renamed), kept in ``secrets/<env>.hosts.json``: a rebuilt image gets a new key, and the
+old one stops working. A call home is signed with the host key over ``env|name|mac|addr|ts``;
+``hosts-logged`` derives the key of the name it claims (only for names booted made a key for:
+the environment's declared images and the images it built or renamed) and checks the signature,
+and that ``addr`` is the address nginx saw. The kickstart's %post and the local image builder
+install the same two files from ``kickstart/firstboot/`` plus the per-host config made here.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
-from fabfile.core.state import PROJECT_ROOT, atomic_write, locked, state_path
+from fabfile.core import names
+from fabfile.core.errors import ConfigError
+from fabfile.core.state import PROJECT_ROOT, atomic_write, atomic_write_json, locked, read_json, state_path
 
 FIRSTBOOT_DIR = PROJECT_ROOT / "kickstart" / "firstboot"
 SCRIPT = FIRSTBOOT_DIR / "booted-callhome"
@@ -24,17 +30,80 @@ CONF_PATH = "/etc/booted/callhome.conf"
 CALLHOME_PATH = "/booted/callhome"
 
 
+_SECRET = re.compile(rb"[0-9a-f]{64}")
+_GENERATION = re.compile(r"[0-9a-f]{32}")
+
+
 def env_secret(env: str) -> bytes:
-    """The environment's secret, created on first use."""
+    """The environment's secret, created on first use; a damaged or empty one is an error."""
     path = state_path("secrets", f"{env}.key")
     with locked("secrets"):
         if not path.exists():
             atomic_write(path, secrets.token_hex(32) + "\n", mode=0o600)
-        return path.read_text().strip().encode()
+        try:
+            text = path.read_bytes().strip()
+        except OSError as err:
+            raise ConfigError(str(path), f"cannot read: {err.strerror}") from None
+    if not _SECRET.fullmatch(text):
+        raise ConfigError(str(path), "is not an environment secret (64 hex digits): empty or damaged; every "
+                                     "host of the environment must be rebuilt once it is replaced")
+    return text
+
+
+def generations(env: str) -> dict[str, str]:
+    """image -> the random generation of its current key (images built before generations: none)."""
+    path = state_path("secrets", f"{env}.hosts.json")
+    doc = read_json(path, {})
+    if not isinstance(doc, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _GENERATION.fullmatch(v) for k, v in doc.items()):
+        raise ConfigError(str(path), "is not booted's host key record (image -> 32 hex digits)")
+    return doc
+
+
+def derive_key(secret: bytes, image: str, generation: str = "") -> str:
+    label = f"host:{image}:{generation}" if generation else f"host:{image}"
+    return hmac.new(secret, label.encode(), hashlib.sha256).hexdigest()
 
 
 def host_key(env: str, image: str) -> str:
-    return hmac.new(env_secret(env), f"host:{image}".encode(), hashlib.sha256).hexdigest()
+    """The current key of ``image`` in ``env``."""
+    return derive_key(env_secret(env), image, generations(env).get(image, ""))
+
+
+def new_host_key(env: str, image: str) -> str:
+    """Draw a new key for ``image`` (it is being built, or a clone renamed): the old key stops working."""
+    names.check("environment", env)
+    names.check("image", image)
+    path = state_path("secrets", f"{env}.hosts.json")
+    with locked("secrets"):
+        table = generations(env)
+        table[image] = secrets.token_hex(16)
+        atomic_write_json(path, table, mode=0o600)
+    return host_key(env, image)
+
+
+class Keyring:
+    """Host keys for checking many calls home: each environment's secret and key record are read
+    once, and a key is derived once per name, only for names booted made a key for (its declared
+    images and the ones in the key record). A line naming anything else costs no file access."""
+
+    def __init__(self, config):
+        self.config = config
+        self._envs: dict[str, tuple[bytes, dict[str, str], set[str], dict[str, str]]] = {}
+
+    def key(self, env: str, name: str) -> str | None:
+        entry = self._envs.get(env)
+        if entry is None:
+            declared = self.config.environments.get(env)
+            entry = self._envs[env] = (env_secret(env), generations(env),
+                                       set(declared.images) if declared else set(), {})
+        secret, gens, declared_images, cache = entry
+        key = cache.get(name)
+        if key is None:
+            if name not in gens and name not in declared_images:
+                return None
+            key = cache[name] = derive_key(secret, name, gens.get(name, ""))
+        return key
 
 
 def signature(key: str, env: str, name: str, mac: str, addr: str, ts: str) -> str:

@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
+import hashlib
+import ipaddress
 import os
 import re
 import shlex
 import signal
+import socket
+import stat
+import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.core import templates
+from fabfile.core import localcmd, templates
 from fabfile.core.errors import BootedError
-from fabfile.core.state import PROJECT_ROOT, atomic_write, locked, state_path
-import grp
+from fabfile.core.output import poll, progress
+from fabfile.core.state import PROJECT_ROOT, atomic_write, locked, state_dir, state_path
+from fabfile.hosts import callhome
+from fabfile.hosts.bootlog import control_addresses
 
 TEMPLATE = PROJECT_ROOT / "nginx" / "booted.conf"
 
@@ -41,6 +47,33 @@ def prefix() -> Path:
 
 
 WORKER_USER, WORKER_GROUP = "nobody", "nogroup"
+LOOPBACK = "127.0.0.1"  # always listened on: this machine's own checks, and VirtualBox NAT's kickstart fetch
+KEEP_ROTATED = 5  # rotated booted logs kept; older ones are removed at the next rotation
+
+
+def kickstart_dir(create: bool = False) -> Path:
+    """Where booted's nginx serves kickstarts from (``/ks/<random>.cfg``); made if ``create``.
+
+    As root, nginx's workers run as nobody and cannot enter the 0700 state dir, so the folder is a
+    root-owned 0711 one under /run (or the temp dir) named after the state dir: its files can be
+    read only by name, and the names are random. Otherwise the workers are booted's own user and
+    the folder is in the state dir.
+    """
+    if os.geteuid() != 0:
+        path = state_dir() / "nginx" / "ks"
+        if create:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+    base = Path("/run") if Path("/run").is_dir() else Path(tempfile.gettempdir())
+    path = base / f"booted-ks-{hashlib.sha256(str(state_dir()).encode()).hexdigest()[:16]}"
+    if create:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o711)
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            raise BootedError(f"{path} is not a folder owned by root; remove it (booted serves kickstarts from it)")
+        os.chmod(path, 0o711)
+    return path
 
 
 def share_with_workers(path: Path) -> None:
@@ -52,17 +85,42 @@ def share_with_workers(path: Path) -> None:
             pass
 
 
-def render(config) -> str:
-    port = config.nginx["port"]
+def nginx_path(path: Path | str, *, trailing_slash: bool = False) -> str:
+    """``path`` as an nginx string: double-quoted; refused if it holds what nginx would read as
+    syntax or a variable (a quote, backslash, ``$``, ``;``, braces, control characters)."""
+    text = str(path) + ("/" if trailing_slash else "")
+    bad = sorted({c for c in text if c in '"\\$;{}\'' or ord(c) < 0x20 or ord(c) == 0x7F})
+    if bad:
+        raise BootedError(f"path {text!r} cannot go into booted's nginx config: it holds {''.join(bad)!r} "
+                          "(move the state dir or BOOTED_LOG)")
+    return f'"{text}"'
+
+
+def listen_addresses(config, reach: Iterable[str]) -> list[str]:
+    """Where nginx listens: 127.0.0.1 and the addresses hosts call home to (``reach``, each if this
+    machine has it now), or ``settings.nginx.bind`` if set; never every address (0.0.0.0)."""
     bind = config.nginx.get("bind") or ""
+    wanted = [bind] if bind else list(dict.fromkeys(reach))
+    present = control_addresses()
+    addresses = [LOOPBACK] + [a for a in wanted if a != LOOPBACK and a in present]
+    for missing in [a for a in wanted if a not in present and a != LOOPBACK]:
+        progress(f"note: no interface here has {missing} (yet): booted's nginx does not listen there")
+    return addresses
+
+
+def render(config, addresses: Sequence[str] = (LOOPBACK,)) -> str:
+    port = config.nginx["port"]
+    base = prefix()
     return templates.render(TEMPLATE, dict(
         # Workers only read kickstarts and write nothing; as root, drop them to nobody.
         user_line=f"user {WORKER_USER} {WORKER_GROUP};" if os.geteuid() == 0 else "",
-        prefix=prefix(),
-        listen=f"{bind}:{port}" if bind else str(port),
+        pid_file=nginx_path(base / "nginx.pid"),
+        error_log=nginx_path(base / "error.log"),
+        **{f"{kind}_temp": nginx_path(base / "tmp" / kind) for kind in ("body", "proxy", "fastcgi", "uwsgi", "scgi")},
+        listen="\n        ".join(f"listen {ipaddress.IPv4Address(a)}:{int(port)};" for a in addresses),
         callhome_path=callhome.CALLHOME_PATH,
-        booted_log=booted_log_path(),
-        kickstart_dir=state_path("kickstart", ".keep").parent,
+        booted_log=nginx_path(booted_log_path()),
+        kickstart_dir=nginx_path(kickstart_dir(), trailing_slash=True),
     ))
 
 
@@ -103,16 +161,21 @@ def status(config) -> NginxStatus:
 def check(conf: Path) -> None:
     result = localcmd.run([_nginx(), "-t", "-q", "-p", str(prefix()), "-c", str(conf)], check=False)
     if not result.ok:
-        lines = [l for l in result.stderr.strip().splitlines() if "emerg" in l or "error" in l] or result.stderr.strip().splitlines()
+        lines = [line for line in result.stderr.strip().splitlines() if "emerg" in line or "error" in line] or result.stderr.strip().splitlines()
         raise BootedError(f"nginx rejected the config {conf}: {lines[0] if lines else 'nginx -t failed'}")
 
 
-def restart(config, rotate: bool = True) -> tuple[str, Path | None]:
-    """Render, check, rotate the booted log, then start or reload. Returns (action, rotated log)."""
+def restart(config, rotate: bool = True, reach: Iterable[str] = ()) -> tuple[str, Path | None]:
+    """Render, check, rotate the booted log, then start or reload. Returns (action, rotated log).
+
+    ``reach``: the addresses hosts call home to (see ``listen_addresses``). A rotated log is
+    complete when this returns: nginx has closed it (every call home written before or during the
+    restart is in it or in the new log), so a reader can finish it from its cursor.
+    """
     with locked("nginx"):
-        text = render(config)
+        text = render(config, listen_addresses(config, reach))
         candidate = prefix() / "nginx.conf.new"
-        atomic_write(candidate, text)
+        atomic_write(candidate, text, mode=0o600)
         try:
             check(candidate)
         except BootedError:
@@ -137,24 +200,80 @@ def restart(config, rotate: bool = True) -> tuple[str, Path | None]:
             if not started.ok:
                 if "Address already in use" in started.stderr:
                     raise BootedError(port_taken(config))
-                lines = [l for l in started.stderr.strip().splitlines() if "emerg" in l] or started.stderr.strip().splitlines()
+                lines = [line for line in started.stderr.strip().splitlines() if "emerg" in line] or started.stderr.strip().splitlines()
                 raise BootedError(f"nginx did not start: {lines[-1] if lines else f'exit {started.returncode}'}")
             action = "started"
         _wait_listening(config)
+        if rotated is not None:
+            _wait_closed(rotated)
+            _prune_rotated(log)
         return action, rotated
 
 
-def _wait_listening(config, timeout: float = 5.0) -> None:
-    import socket
+def running_config_differs(config, reach: Iterable[str] = ()) -> bool:
+    """True if the config booted would render now is not the one nginx runs (listen set changed)."""
+    try:
+        return conf_path().read_text() != render(config, listen_addresses(config, reach))
+    except OSError:
+        return True
 
+
+def _wait_closed(path: Path, timeout: float = 10.0) -> None:
+    """Wait until no nginx process (master or worker, old or new) has ``path`` open."""
+    target = str(path)
+    if poll(lambda: not any(_holds(pid, target) for pid in _nginx_processes()), timeout=timeout, interval=0.02):
+        return
+    progress(f"note: nginx still writes to {path} after {timeout:g}s; calls home it writes later are read "
+             "with `fab hosts-reset`")
+
+
+def _nginx_processes() -> list[int]:
+    master = _pid()
+    if master is None:
+        return []
+    found = [master]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(master):
+                    found.append(int(entry))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+def _holds(pid: int, target: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _prune_rotated(log: Path) -> None:
+    rotated = sorted((p for p in log.parent.glob(f"{log.name}.*") if p.is_file()), key=lambda p: p.stat().st_mtime)
+    for old in rotated[:-KEEP_ROTATED]:
+        old.unlink(missing_ok=True)
+
+
+def _wait_listening(config, timeout: float = 5.0) -> None:
     port = config.nginx["port"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
+            return False
+
+    if poll(listening, timeout=timeout):
+        return
     raise BootedError(f"nginx did not start listening on port {port} (see {prefix() / 'error.log'})")
 
 
@@ -164,10 +283,7 @@ def stop() -> bool:
     if not pid:
         return False
     os.kill(pid, signal.SIGQUIT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _pid():
-        time.sleep(0.05)
-    if _pid():
+    if not poll(lambda: not _pid(), timeout=10):
         os.kill(pid, signal.SIGKILL)
     return True
 

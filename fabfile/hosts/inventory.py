@@ -5,30 +5,38 @@ changed only under the ``inventory`` lock and written atomically, so concurrent 
 update and a reader never sees half a file. Entries are keyed by image name, which is unique
 across environments.
 
-A call home names the image the host *thinks* it is. A VirtualBox clone inherits its source's
-name (and call-home key) but has its own MAC, so ``apply_calls`` finds the image through the
-provider's machines: by MAC first, then by address, then by the name if it is a declared image.
+A call home names the image the host is, and is signed with that image's own key (bootlog.py
+checked it). That proof decides the image, never a MAC or an address the host claims: a host can
+only ever be recorded as the image whose key it holds, in that key's environment. The one
+exception is a clone: a VirtualBox clone inherits its source's name and key, so a call signed by
+the source's key is recorded as the clone if, and only if, it comes with the MAC booted recorded
+for that clone of that source when it made it (``clones``: the providers' clone records). A call
+no newer (by the host's clock) than the last one recorded for its image is a replay and ignored.
 """
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
+import re
 import shlex
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from fabfile.core import names
-from fabfile.hosts.bootlog import Call
 from fabfile.core.config import Config
 from fabfile.core.errors import BootedError, ConfigError, UsageError
 from fabfile.core.output import table
 from fabfile.core.state import atomic_write_json, dump_yaml, locked, state_path
+from fabfile.hosts.bootlog import Call
 
 FORMAT_VERSION = 1
 FORMATS = ("table", "json", "yaml", "ansible")
 ROLES = ("loadbalancers", "workers")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 
 
 @dataclass
@@ -44,6 +52,7 @@ class HostEntry:
     reachable: bool | None = None  # answered on SSH at checked_at; None: not checked since it moved
     checked_at: float | None = None
     hostname_ok: bool = True  # name == image
+    last_ts: int = 0  # the host's clock in its latest recorded call: older calls are replays
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,49 +67,51 @@ class RecordSummary:
     updated: list[str] = field(default_factory=list)  # images already there whose entry changed
     misnamed: list[str] = field(default_factory=list)  # images whose host called home under another name
     superseded: list[str] = field(default_factory=list)  # dropped: another image called home later from their address
-    unknown: int = 0  # calls matching no machine and no declared image (not recorded)
+    unknown: int = 0  # calls refused: an image declared in another environment than the key's
     unknown_names: list[str] = field(default_factory=list)
+    replayed: int = 0  # calls no newer than the last recorded for their image (not recorded)
 
 
 # --------------------------------------------------------------------------- matching calls
-def apply_calls(hosts: dict[str, HostEntry], calls: Iterable[Call], machines: Iterable[Any],
+def apply_calls(hosts: dict[str, HostEntry], calls: Iterable[Call], clones: Iterable[Any],
                 config: Config) -> RecordSummary:
-    """Record ``calls`` into ``hosts`` (image -> HostEntry), matching each to its image.
+    """Record ``calls`` into ``hosts`` (image -> HostEntry), each under the image it proved to be.
 
-    ``machines``: the providers' ``Machine`` list (name, macs, addresses). Calls apply in the
-    order they arrived; an older call never overwrites what a newer one recorded.
+    ``clones``: the providers' clone records (``image``, ``source``, ``macs``: what booted made).
+    Calls apply in the order they arrived; an older call never overwrites what a newer one recorded.
     """
     summary = RecordSummary()
-    by_mac: dict[str, str] = {}
-    by_addr: dict[str, str] = {}
-    for machine in machines:
-        for mac in machine.macs:
-            by_mac.setdefault(mac.lower(), machine.name)
-        for addr in machine.addresses:
-            by_addr.setdefault(addr, machine.name)
+    clone_of_mac: dict[tuple[str, str], str] = {}  # (source, mac) -> clone image
+    for clone in clones:
+        for mac in clone.macs:
+            clone_of_mac[(clone.source, mac.lower())] = clone.image
     before = {image: HostEntry(**entry.to_dict()) for image, entry in hosts.items()}
     unknown_names: set[str] = set()
 
     for call in sorted(calls, key=lambda c: c.seen_at):
         summary.calls += 1
-        image = by_mac.get(call.mac) or by_addr.get(call.addr)
-        if image is None and config.image_env(call.name) is not None:
-            image = call.name
-        if image is None:
-            summary.unknown += 1
+        image = clone_of_mac.get((call.name, call.mac), call.name)
+        declared = config.image_env(image)
+        source_env = config.image_env(call.name)
+        if (declared is not None and declared.name != call.env) or (
+                source_env is not None and source_env.name != call.env):
+            summary.unknown += 1  # a key of one environment never speaks for another's image
             unknown_names.add(call.name)
             continue
-        declared = config.image_env(image)
         entry = hosts.get(image)
+        if entry is not None and call.ts <= entry.last_ts:
+            if call.seen_at > entry.last_seen:
+                summary.replayed += 1
+            continue
         if entry is None:
             entry = hosts[image] = HostEntry(
-                image=image, name=call.name, address=call.addr, mac=call.mac,
-                env=declared.name if declared else call.env,
+                image=image, name=call.name, address=call.addr, mac=call.mac, env=call.env,
                 first_seen=call.seen_at, last_seen=call.seen_at,
             )
-        entry.env = declared.name if declared else entry.env
+        entry.env = call.env
         entry.roles = declared.roles_of(image) if declared else []
         entry.first_seen = min(entry.first_seen, call.seen_at)
+        entry.last_ts = call.ts
         if call.seen_at >= entry.last_seen:
             if call.addr != entry.address:  # an old SSH check says nothing about the new address
                 entry.reachable, entry.checked_at = None, None
@@ -186,11 +197,11 @@ class Inventory:
         with self.update() as hosts:
             return hosts.pop(image, None) is not None
 
-    def record_calls(self, calls: Iterable[Call], machines: Iterable[Any], config: Config) -> RecordSummary:
+    def record_calls(self, calls: Iterable[Call], clones: Iterable[Any], config: Config) -> RecordSummary:
         """``apply_calls`` on the stored inventory, under the lock."""
-        calls, machines = list(calls), list(machines)
+        calls, clones = list(calls), list(clones)
         with self.update() as hosts:
-            return apply_calls(hosts, calls, machines, config)
+            return apply_calls(hosts, calls, clones, config)
 
     def mark_reachable(self, results: dict[str, bool], checked_at: float | None = None) -> list[str]:
         with self.update() as hosts:
@@ -200,15 +211,17 @@ class Inventory:
     def _read(self) -> dict[str, HostEntry]:
         where = str(self.path)
         try:
-            text = self.path.read_text()
+            text = self.path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             return {}
+        except UnicodeDecodeError:
+            raise _corrupt(where, "not UTF-8 text") from None
         except OSError as err:
             raise BootedError(f"cannot read the inventory {where}: {err.strerror}") from None
         try:
             doc = json.loads(text)
         except ValueError as err:
-            raise _corrupt(where, f"not valid JSON ({err.msg})", line=getattr(err, "lineno", None)) from None
+            raise _corrupt(where, f"not valid JSON ({getattr(err, 'msg', err)})", line=getattr(err, "lineno", None)) from None
         if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION or not isinstance(doc.get("hosts"), dict):
             raise _corrupt(where, f'expected {{"version": {FORMAT_VERSION}, "hosts": {{...}}}}')
         return {image: _entry_from(where, image, body) for image, body in doc["hosts"].items()}
@@ -226,8 +239,9 @@ class Inventory:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "image": (str,), "name": (str,), "address": (str,), "mac": (str,), "env": (str,), "roles": (list,),
     "first_seen": (int, float), "last_seen": (int, float), "reachable": (bool, type(None)),
-    "checked_at": (int, float, type(None)), "hostname_ok": (bool,),
+    "checked_at": (int, float, type(None)), "hostname_ok": (bool,), "last_ts": (int,),
 }
+_OPTIONAL = {"last_ts"}  # added later: files written before it lack it
 
 
 def _corrupt(where: str, message: str, keypath: str = "", line: int | None = None) -> ConfigError:
@@ -244,12 +258,21 @@ def _entry_from(where: str, image: str, body: Any) -> HostEntry:
             raise _corrupt(where, "unknown key", f"{keypath}.{key}")
     for key, types in _FIELD_TYPES.items():
         value = body.get(key)
+        if key not in body and key in _OPTIONAL:
+            continue
         if key not in body or (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             raise _corrupt(where, "missing or of the wrong type", f"{keypath}.{key}")
     try:
         names.check("image", image)
     except UsageError as err:
         raise _corrupt(where, str(err), keypath) from None
+    try:
+        if ipaddress.ip_address(body["address"]).version != 4:
+            raise ValueError
+    except ValueError:
+        raise _corrupt(where, f"address {body['address']!r} is not an IPv4 address", keypath) from None
+    if not _MAC.fullmatch(body["mac"]):
+        raise _corrupt(where, f"mac {body['mac']!r} is not a MAC address", keypath)
     if body["image"] != image or not all(r in ROLES for r in body["roles"]):
         raise _corrupt(where, "image does not match its key, or an unknown role", keypath)
     return HostEntry(**body)

@@ -6,6 +6,7 @@ systemd-nspawn container). Tasks and the environment logic talk only to this int
 from __future__ import annotations
 
 import abc
+import builtins
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,16 @@ class Machine:
     @property
     def running(self) -> bool:
         return self.state == RUNNING
+
+
+@dataclass(frozen=True)
+class CloneRecord:
+    """A clone booted made that inherited its source's call-home identity: the MACs booted gave
+    it prove, together with the source's key, that a call home is the clone's (inventory.py)."""
+
+    image: str
+    source: str
+    macs: tuple[str, ...]
 
 
 class Provider(abc.ABC):
@@ -75,9 +86,17 @@ class Provider(abc.ABC):
     def list(self) -> list[Machine]:
         """Every image this provider knows, with state, MACs and addresses where known."""
 
+    def clone_records(self) -> builtins.list[CloneRecord]:
+        """Clones that call home under their source's name until renamed (none by default: a
+        provider that gives each clone its own call-home identity at once has none)."""
+        return []
     @abc.abstractmethod
     def booted_address(self) -> str:
         """The address at which this provider's hosts reach booted's nginx (the call-home endpoint)."""
+
+    def endpoint_ready(self) -> None:  # noqa: B027  (an optional hook: most providers need nothing)
+        """Make ``booted_address()`` exist on this machine, so booted's nginx can listen there
+        (default: nothing; it is the hypervisor's, e.g. a host-only interface)."""
 
     def callhome_url(self) -> str:
         """The call-home URL this provider's hosts are given."""

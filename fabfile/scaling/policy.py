@@ -26,8 +26,9 @@ Every method takes ``now`` (epoch seconds), so tests drive it with a fake clock 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from fabfile.core.config import MonitorSettings
 
@@ -285,7 +286,7 @@ class Policy:
         if count < self.min:
             if self._backing_off(now):
                 return self._decision(HOLD, (), notes, f"{_count(count, 'worker')}, below the minimum {self.min}, "
-                                      f"but a start failed {now - st.last_failed_start:.0f}s ago; retrying "
+                                      f"but a start failed {self._since_failed_start(now):.0f}s ago; retrying "
                                       f"after {self.retry_after_s:g}s")
             images = self._to_start(running, self.min - count)
             if images:
@@ -334,7 +335,7 @@ class Policy:
                                       f"({s.up_cooldown_s - (now - st.last_up):.0f}s left)")
             if self._backing_off(now):
                 return self._decision(HOLD, (), notes, f"{sample}: {why}; a start failed "
-                                      f"{now - st.last_failed_start:.0f}s ago, retrying after "
+                                      f"{self._since_failed_start(now):.0f}s ago, retrying after "
                                       f"{self.retry_after_s:g}s")
             step = 1 if sample.p95_ms < 2 * s.latency_high_ms else 2
             images = self._to_start(running, min(step, self.max - count))
@@ -343,7 +344,7 @@ class Policy:
             return self._decision(HOLD, (), notes, f"{sample}: {why}, but no stopped worker is left to start")
 
         if good:
-            held = now - st.good_since
+            held = now - (now if st.good_since is None else st.good_since)
             if held < s.down_window_s:
                 return self._decision(HOLD, (), notes, f"{sample}: good for {held:.0f}s of the "
                                       f"{s.down_window_s:g}s window before removing a worker")
@@ -402,6 +403,10 @@ class Policy:
         self.state.last_down = now
 
     # -- helpers
+    def _since_failed_start(self, now: float) -> float:
+        t = self.state.last_failed_start
+        return 0.0 if t is None else now - t
+
     def _backing_off(self, now: float) -> bool:
         t = self.state.last_failed_start
         return t is not None and now - t < self.retry_after_s

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fabfile.core import names as names_mod
-from fabfile.core.config import REQUIRED, Checker, kind_of, load_yaml, valid_name, valid_port, positive
+from fabfile.core.config import REQUIRED, Checker, kind_of, load_yaml, positive, valid_name, valid_port
 from fabfile.core.errors import ConfigError, UsageError
 from fabfile.core.state import PROJECT_ROOT, state_path
 
@@ -122,6 +122,8 @@ def load_manifest(path: str | os.PathLike) -> Service:
             chk.fail(f"env.{key}", "is not an environment variable name", env_map, key)
         if not isinstance(value, str):
             chk.fail(f"env.{key}", f"must be a string (quote it), not {kind_of(value)}", env_map, key)
+        if not _control_free(value):
+            chk.fail(f"env.{key}", "holds a control character (newline, tab, ...)", env_map, key)
         env[key] = value
     return Service(
         name=f["name"],
@@ -185,6 +187,11 @@ def _http_path(value: Any) -> str | None:
     return None if ok else "must be a URL path like /healthz"
 
 
+def _control_free(text: str) -> bool:
+    """No control characters: a value becomes part of a systemd unit, where a newline starts a line."""
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def _argv(value: Any) -> str | None:
     if not value:
         return "must be a non-empty list of arguments"
@@ -193,6 +200,12 @@ def _argv(value: Any) -> str | None:
             return f"item {i} must be a string (quote numbers), not {kind_of(arg)}"
         if not arg:
             return f"item {i} is empty"
+        if not _control_free(arg):
+            return f"item {i} holds a control character (newline, tab, ...)"
+        if arg == ";":
+            return f"item {i} is ';', which systemd reads as a command separator"
+    if value[0][0] in "@-:+!":
+        return f"item 0 must not start with {value[0][0]!r} (a systemd ExecStart= prefix)"
     return None
 
 

@@ -18,23 +18,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fabfile.core import names
-from fabfile.services import repo as servicerepo
-from fabfile.services import manifest as services
-from fabfile.core import ssh
+from fabfile.core import names, ssh
+from fabfile.core.errors import BootedError, ConfigError, HostError
 from fabfile.core.http import http_request
-from fabfile.core.errors import BootedError, HostError
-from fabfile.core.output import progress
+from fabfile.core.output import poll, progress
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
+from fabfile.services import manifest as services
+from fabfile.services import repo as servicerepo
 
 REMOTE_ROOT = "/opt/booted"
 
-# $1 service, $2 version, $3 commit, $4 unit text, $5 releases to keep. stdin: the release .tar.gz
-DEPLOY_SCRIPT = r"""
+# Sourced first by the scripts that change a service's releases: one at a time per service and host
+# (another controller, the monitor, a second terminal), waiting up to 120 s. $1 is the service.
+_REMOTE_LOCK = r"""
 set -eu
-svc="$1"; version="$2"; commit="$3"; unit="$4"; keep="$5"
-root="/opt/booted/$svc"; rel="$root/releases/$version"
+root="/opt/booted/$1"
 mkdir -p "$root/releases" "$root/shared"
+exec 9>"$root/.deploy.lock"
+flock -w 120 9 || { echo "another deploy or rollback of $1 on this host did not finish within 120s" >&2; exit 4; }
+"""
+
+# $1 service, $2 version, $3 commit, $4 unit text, $5 releases to keep. stdin: the release .tar.gz
+DEPLOY_SCRIPT = _REMOTE_LOCK + r"""
+svc="$1"; version="$2"; commit="$3"; unit="$4"; keep="$5"
+rel="$root/releases/$version"
+# under the lock nothing else is unpacking: any .incoming.* is what an interrupted deploy left
+rm -rf "$root/releases"/.incoming.*
 if [ "$(cat "$rel/.booted-commit" 2>/dev/null || true)" = "$commit" ]; then
   cat >/dev/null
 else
@@ -46,13 +55,13 @@ else
   rm -rf "$rel"
   mv "$tmp" "$rel"
 fi
-ln -sfn "releases/$version" "$root/current.new"
-mv -T "$root/current.new" "$root/current"
+ln -sfn "releases/$version" "$root/.current.$$"
+mv -T "$root/.current.$$" "$root/current"
 printf '%s\n' "$version" >> "$root/history"
 unitfile="/etc/systemd/system/booted-$svc.service"
 if [ "$(cat "$unitfile" 2>/dev/null || true)" != "$unit" ]; then
-  printf '%s\n' "$unit" > "$unitfile.new"
-  mv "$unitfile.new" "$unitfile"
+  printf '%s\n' "$unit" > "$unitfile.$$.new"
+  mv "$unitfile.$$.new" "$unitfile"
   systemctl daemon-reload
 fi
 systemctl enable --quiet --no-reload "booted-$svc.service" 2>/dev/null || true
@@ -66,9 +75,8 @@ echo "deployed $version"
 """
 
 # $1 service. Switch current to the release before it in history, restart.
-ROLLBACK_SCRIPT = r"""
-set -eu
-svc="$1"; root="/opt/booted/$svc"
+ROLLBACK_SCRIPT = _REMOTE_LOCK + r"""
+svc="$1"
 cur=$(readlink "$root/current" 2>/dev/null || true); cur="${cur#releases/}"
 [ -n "$cur" ] || { echo "nothing deployed" >&2; exit 3; }
 prev=""
@@ -76,8 +84,8 @@ for v in $(tac "$root/history"); do
   if [ "$v" != "$cur" ] && [ -d "$root/releases/$v" ]; then prev="$v"; break; fi
 done
 [ -n "$prev" ] || { echo "no earlier release kept on this host" >&2; exit 3; }
-ln -sfn "releases/$prev" "$root/current.new"
-mv -T "$root/current.new" "$root/current"
+ln -sfn "releases/$prev" "$root/.current.$$"
+mv -T "$root/.current.$$" "$root/current"
 printf '%s\n' "$prev" >> "$root/history"
 systemctl restart "booted-$svc.service"
 echo "$prev"
@@ -93,6 +101,20 @@ case "$2" in
   stop) systemctl stop "$unit" ;;
 esac
 readlink "/opt/booted/$svc/current" | sed 's#^releases/##'
+"""
+
+
+# $1 port, $2 seconds. Wait until no TCP connection to the port is established (the load
+# balancers' nginx workers that still used this host are gone); print how many are left.
+WAIT_IDLE_SCRIPT = r"""
+set -eu
+port="$1"; tenths=$(( $2 * 10 ))
+while :; do
+  n=$(ss -Htn state established "( sport = :$port )" | wc -l)
+  if [ "$n" -eq 0 ] || [ "$tenths" -le 0 ]; then echo "$n"; exit 0; fi
+  tenths=$((tenths - 1))
+  sleep 0.1
+done
 """
 
 
@@ -113,7 +135,7 @@ class Release:
 def unit_text(service: services.Service) -> str:
     """The systemd unit for a service (the same on every host; it changes only with the manifest)."""
     root = f"{REMOTE_ROOT}/{service.name}"
-    argv = " ".join(_systemd_quote(a) for a in service.run_argv)
+    argv = " ".join(_systemd_quote(a, command=True) for a in service.run_argv)
     env_lines = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n" for k, v in sorted(service.env.items()))
     return (
         "[Unit]\n"
@@ -137,17 +159,25 @@ def unit_text(service: services.Service) -> str:
     )
 
 
-def _systemd_quote(word: str) -> str:
-    if word and all(c.isalnum() or c in "-_./=:+,@" for c in word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _systemd_quote(word: str, *, command: bool = False) -> str:
+    """``word`` as one double-quoted systemd value (systemd.syntax(7) quoting, systemd.unit(5)
+    specifiers): backslash and quote escaped, ``%`` doubled; in a command line (systemd.service(5)
+    ``ExecStart=``) ``$`` doubled too, so no variable is substituted. A control character (a newline
+    would start a new unit line) is refused: the manifest check stops it before this."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in word):
+        raise BootedError(f"refusing a control character in a systemd unit value: {word[:40]!r}")
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if command:
+        escaped = escaped.replace("$", "$$")
+    return f'"{escaped}"'
 
 
 def prepare(service: services.Service, version: str) -> Release:
     """Pack ``version`` from the service's repo and run its tests on the packed tree (once per commit)."""
     names.check("version", version)
     folder = state_path("releases", service.name, ".keep").parent
-    with locked(f"release-{service.name}"):
+    # held while another process packs and tests (fetch, then the test gate): wait that long
+    with locked(f"release-{service.name}", timeout=servicerepo.FETCH_TIMEOUT_S + service.test_timeout_s + 120):
         if services.uses_default_repo(service):
             servicerepo.ensure_local_repo(service)
         commit = servicerepo.resolve(service, version)
@@ -169,7 +199,15 @@ def prepare(service: services.Service, version: str) -> Release:
 
 
 def deploy_to(conn, service: services.Service, release: Release, keep: int, timeout: float) -> str:
-    """Ship and activate ``release`` on one host; return once the service answers with the version."""
+    """Ship and activate ``release`` on one host; return once the service answers with the version.
+
+    One deploy per host at a time from this machine (a lock per host; the host's own lock in the
+    script covers other machines)."""
+    with locked(f"deploy-{service.name}-{conn.host}", timeout=timeout + 60):
+        return _deploy_to(conn, service, release, keep, timeout)
+
+
+def _deploy_to(conn, service: services.Service, release: Release, keep: int, timeout: float) -> str:
     ssh.run_with_input(
         conn, ["sh", "-c", DEPLOY_SCRIPT, "deploy", service.name, release.version, release.commit,
                unit_text(service), str(keep)],
@@ -196,20 +234,31 @@ def control(conn, service: services.Service, action: str, timeout: float) -> str
     return f"stopped ({version})"
 
 
+def wait_idle(conn, service: services.Service, seconds: int) -> int:
+    """Wait up to ``seconds`` until nobody is connected to the service on this host (a drained
+    worker's last requests are done); returns how many connections are still open."""
+    result = ssh.run(conn, ["sh", "-c", WAIT_IDLE_SCRIPT, "wait-idle", str(int(service.port)), str(int(seconds))],
+                     timeout=seconds + 30)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
 # ---------------------------------------------------------------------------- HTTP checks
 def wait_for_version(address: str, service: services.Service, version: str, timeout: float) -> None:
     """Poll ``/version`` until it names ``version`` (the restart is done and the service is up)."""
-    deadline = time.monotonic() + timeout
     last = "no answer"
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
+        nonlocal last
         try:
             status, body = http_request(address, service.port, "GET", "/version", timeout=2)
-            if status == 200 and body.strip() == version:
-                return
-            last = f"/version answered {status} {body.strip()[:40]!r}"
         except OSError as err:
             last = f"port {service.port}: {err.strerror or err}"
-        time.sleep(0.05)
+            return False
+        last = f"/version answered {status} {body.strip()[:40]!r}"
+        return status == 200 and body.strip() == version
+
+    if poll(serving, timeout=timeout):
+        return
     raise HostError(address, f"{service.name} did not come up as {version} within {timeout:g}s ({last})")
 
 
@@ -250,12 +299,26 @@ def record_many(entries: list[tuple[str, str, str, str | None]]) -> None:
     if not entries:
         return
     with locked("deployments"):
-        data = read_json(_deployments_path(), {}) or {}
+        data = _read_deployments()
         for address, service, version, commit in entries:
             data.setdefault(address, {})[service] = {"version": version, "commit": commit, "at": time.time()}
         atomic_write_json(_deployments_path(), data)
 
 
+def _read_deployments() -> dict:
+    """deployments.json, checked: address -> service -> {version, commit, at}; one-line error if not."""
+    path = _deployments_path()
+    data = read_json(path, {}) or {}
+    ok = isinstance(data, dict) and all(
+        isinstance(services_, dict) and all(
+            isinstance(entry, dict) and isinstance(entry.get("version"), str) for entry in services_.values())
+        for services_ in data.values())
+    if not ok:
+        raise ConfigError(str(path), "is not booted's deployments record (address -> service -> version); "
+                                     "remove it and deploy again")
+    return data
+
+
 def deployed_version(address: str, service: str) -> str | None:
-    entry = (read_json(_deployments_path(), {}) or {}).get(address, {}).get(service)
+    entry = _read_deployments().get(address, {}).get(service)
     return entry["version"] if entry else None

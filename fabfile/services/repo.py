@@ -25,15 +25,15 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from fabfile.core import localcmd
-from fabfile.core import names
-from fabfile.services import manifest as services
+from fabfile.core import localcmd, names
 from fabfile.core.errors import BootedError, CommandError
 from fabfile.core.output import progress
-from fabfile.services.manifest import Service, default_repo, repo_for, uses_default_repo
 from fabfile.core.state import locked, state_path
+from fabfile.services import manifest as services
+from fabfile.services import sandbox
+from fabfile.services.manifest import Service, default_repo, repo_for, uses_default_repo
 
 IDENTITY = ["-c", "user.name=booted", "-c", "user.email=booted@localhost"]
 FIRST_DATE = 1483228800            # 2017-01-01T00:00:00Z, the original's year; each version a day later
@@ -114,7 +114,7 @@ def _repo_git(gitdir: Path) -> list[str]:
 # --------------------------------------------------------------------------- the default local repo
 def source_files(service: Service) -> list[Path]:
     """The files of the service folder that go into its repo (relative paths, sorted)."""
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(service.dir):
         rel_dir = Path(dirpath).relative_to(service.dir)
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP and not (rel_dir == Path(".") and d == "history"))
@@ -195,7 +195,7 @@ def _build(service: Service, tmp: Path) -> Path:
                     f"{_last_line(applied)}"
                 )
 
-    parent = None
+    parent: str | None = None
     for i, version in enumerate(service.versions):
         date = f"@{FIRST_DATE + i * 86400} +0000"
         dated = {**env, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
@@ -203,6 +203,8 @@ def _build(service: Service, tmp: Path) -> Path:
         args = [*in_repo, "commit-tree", trees[i], "-m", message] + (["-p", parent] if parent else [])
         parent = _git(args, cwd=work, env=dated, isolated=True).stdout.strip()
         _git([*in_repo, "tag", "--annotate", "--message", message, version, parent], cwd=work, env=dated, isolated=True)
+    if parent is None:
+        raise RepoError(f"{service.dir}: service.yaml declares no versions")
     _git(["--git-dir", str(bare), "update-ref", "refs/heads/main", parent], isolated=True)
     _git(["--git-dir", str(bare), "symbolic-ref", "HEAD", "refs/heads/main"], isolated=True)
     return bare
@@ -258,6 +260,31 @@ def cache_dir(url: str) -> Path:
     return state_path("repos", "cache", hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
 
 
+# git asks this helper for credentials; the helper prints them from its environment, which only that
+# git child gets. So a password in a repository URL never appears in an argv (`ps` shows those to
+# every user) or in the mirror's config. Fixed text: no data is ever put into it.
+_CREDENTIAL_HELPER = ('!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+                      '"$BOOTED_GIT_USERNAME" "$BOOTED_GIT_PASSWORD"; }; f')
+
+
+def _split_credentials(url: str) -> tuple[str, list[str], dict[str, str]]:
+    """(url without its password, git options, environment) to reach ``url`` with its credentials."""
+    if "://" not in url:
+        return url, [], {}
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, [], {}
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port:
+        host += f":{parts.port}"
+    clean = urlunsplit(parts._replace(netloc=host))
+    options = ["-c", "credential.helper=", "-c", f"credential.helper={_CREDENTIAL_HELPER}"]
+    return clean, options, {"BOOTED_GIT_USERNAME": unquote(parts.username or ""),
+                            "BOOTED_GIT_PASSWORD": unquote(parts.password)}
+
+
 def _mirror(service: Service, url: str) -> Path:
     """A bare mirror of ``url`` under state/repos/cache, fetched now. Call with the cache lock held."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else "ssh"
@@ -265,18 +292,20 @@ def _mirror(service: Service, url: str) -> Path:
         raise RepoError(f"{service.repo_env}={display(url)}: unsupported URL scheme {scheme!r} "
                         f"(use {', '.join(URL_SCHEMES[:5])} or host:path)")
     cache = cache_dir(url)
+    os.chmod(cache.parent, 0o700)
+    clean, options, secret_env = _split_credentials(url)
     if (cache / "HEAD").is_file():
         progress(f"fetching {display(url)}")
-        fetched = _git([*_repo_git(cache), "fetch", "--quiet", "--prune", "--tags", "origin"],
-                       timeout=FETCH_TIMEOUT_S, check=False)
+        fetched = _git([*options, *_repo_git(cache), "fetch", "--quiet", "--prune", "--tags", "origin"],
+                       timeout=FETCH_TIMEOUT_S, check=False, env=secret_env)
         if not fetched.ok:
             raise RepoError(f"cannot fetch {display(url)}: {_last_line(fetched)}")
         return cache
     progress(f"cloning {display(url)} into {cache}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
-        cloned = _git(["clone", "--quiet", "--mirror", "--", url, str(tmp / "mirror.git")],
-                      timeout=FETCH_TIMEOUT_S, check=False)
+        cloned = _git([*options, "clone", "--quiet", "--mirror", "--", clean, str(tmp / "mirror.git")],
+                      timeout=FETCH_TIMEOUT_S, check=False, env=secret_env)
         if not cloned.ok:
             raise RepoError(f"cannot clone {display(url)}: {_last_line(cloned)}")
         os.rename(tmp / "mirror.git", cache)
@@ -315,7 +344,7 @@ def _with_repo(service: Service, version: str, action):
             gitdir = _ensure_local_repo(service, rebuild=False)
             return action(gitdir, _commit(gitdir, version, repo))
     if is_url(repo):
-        with locked(f"repo-cache-{cache_dir(repo).stem}"):
+        with locked(f"repo-cache-{cache_dir(repo).stem}", timeout=FETCH_TIMEOUT_S + 60):  # another fetch
             gitdir = _mirror(service, repo)
             return action(gitdir, _commit(gitdir, version, display(repo)))
     gitdir = _local(service, repo)
@@ -365,17 +394,19 @@ def unpack(tarball: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
 
 
 def run_tests(service: Service | str, tree_dir: str | os.PathLike) -> tuple[bool, str]:
-    """Run the manifest's test argv in an unpacked tree: (passed, combined output)."""
+    """Run the manifest's test argv on an unpacked tree, unprivileged (sandbox.py): (passed, output)."""
     service = _service(service)
     tree = Path(tree_dir)
     if not tree.is_dir():
         raise RepoError(f"{tree}: no such directory to test")
     try:
-        result = localcmd.run(list(service.test_argv), check=False, cwd=tree,
-                              timeout=service.test_timeout_s, env=dict(service.env))
-    except CommandError as err:   # timed out, or the test command does not exist
+        result = sandbox.run(service.test_argv, tree, timeout=service.test_timeout_s, env=service.env)
+    except BootedError as err:   # the test command does not exist
         return False, f"{service.name} tests: {err}"
-    return result.ok, (result.stdout + result.stderr).strip()
+    if result.returncode is None:
+        return False, (f"{service.name} tests: timed out after {service.test_timeout_s:g}s: "
+                       f"{' '.join(service.test_argv[:3])}")
+    return result.ok, result.output.strip()
 
 
 def pack_and_test(service: Service | str, version: str, workdir: str | os.PathLike) -> TestedRelease:

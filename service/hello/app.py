@@ -329,6 +329,11 @@ class HelloHandler(BaseHTTPRequestHandler):
 class HelloServer(ThreadingHTTPServer):
     daemon_threads = False   # server_close() waits for in-flight requests
     block_on_close = True
+    # The listen backlog. socketserver's default, 5, overflows as soon as connections arrive
+    # faster than the accept loop gets the GIL: the kernel then drops SYNs, and the load
+    # balancer's connect waits 1 s for the retransmit and times out. (The kernel caps it at
+    # net.core.somaxconn.)
+    request_queue_size = 1024
 
     def __init__(self, settings: Settings):
         self.settings = settings

@@ -685,9 +685,8 @@ def cmd_storageattach(reg, args):
 
 
 def cmd_closemedium(reg, args):
-    kind = "disk"
-    if args and args[0] in ("disk", "dvd", "floppy"):
-        kind, args = args[0], args[1:]
+    if args and args[0] in ("disk", "dvd", "floppy"):  # the medium's kind: every kind is closed alike
+        args = args[1:]
     opts = Options(args, {"--delete": False}, positional_max=1)
     if not opts.positional:
         raise Syntax("Missing medium UUID or file name [stand-in wording]")

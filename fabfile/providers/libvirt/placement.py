@@ -21,8 +21,9 @@ Rules (README "Growing past one machine"):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from fabfile.core.config import REQUIRED, Checker, positive, valid_ifname
@@ -79,7 +80,7 @@ def valid_uri(value: Any) -> str | None:
         return f"{value!r} is not a libvirt URI (like qemu+ssh://root@hv1/system)"
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError for a bad port
+        _ = parts.port  # raises ValueError for a bad port
     except ValueError:
         return f"{value!r} is not a libvirt URI (like qemu+ssh://root@hv1/system)"
     scheme = _SCHEME.fullmatch(parts.scheme)

@@ -242,7 +242,7 @@ def create_cgroups(name: str, limits: Limits) -> list[Path]:
             if hierarchy.key in (SYSTEMD_KEY, UNIFIED_KEY):
                 raise ContainmentError(f"cannot create cgroup {folder}: {err.strerror}") from err
             continue
-        enabled = frozenset()
+        enabled: frozenset[str] = frozenset()
         if hierarchy.v2 and (folder / "cgroup.controllers").exists():
             enabled = frozenset((folder / "cgroup.controllers").read_text().split())
         for filename, value in plan_limits(hierarchy, limits, enabled):

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError
-from fabfile.core.state import state_dir
-from fabfile.core.state import locked
+from fabfile.core.state import locked, state_dir
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def ensure_bridge(bridge: str, subnet: Subnet) -> None:
         raise BootedError("the `ip` command is missing: install iproute2 (apt-get install iproute2)")
     with locked("local-bridge"):  # hosts start in parallel; only one may create the bridge
         state = link_state(bridge)
-        has_address = bool(state) and any(a.get("local") == subnet.gateway for a in state.get("addr_info", []))
+        has_address = state is not None and any(a.get("local") == subnet.gateway for a in state.get("addr_info", []))
         apply(plan_bridge(bridge, subnet, present=state is not None, has_address=has_address))
 
 

@@ -27,17 +27,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.providers.local import network as localnet
-from fabfile.core import names
+from fabfile.core import localcmd, names, ssh
+from fabfile.core.config import size_limit
 from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
-from fabfile.core.config import size_limit
+from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
 from fabfile.providers.local import containment
-from fabfile.core import ssh
+from fabfile.providers.local import network as localnet
 
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "curl", "iproute2", "sudo",
@@ -252,7 +250,8 @@ class LocalProvider(Provider):
         """Run a long command, printing its latest line every 10 s, killing it at ``timeout``."""
         log = state_path("local", f"{what}.log")
         with open(log, "w") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=localcmd.child_environ())
             start = time.monotonic()
             next_report = start + 10
             while proc.poll() is None:
@@ -277,6 +276,9 @@ class LocalProvider(Provider):
 
     def booted_address(self) -> str:
         return self.subnet.gateway
+
+    def endpoint_ready(self) -> None:
+        localnet.ensure_bridge(self.bridge, self.subnet)  # the gateway address lives on the bridge
 
     @property
     def bridge(self) -> str:
@@ -336,6 +338,7 @@ class LocalProvider(Provider):
         upper = host.upper
         files = dict(callhome.firstboot_files())
         if env is not None:
+            callhome.new_host_key(env.name, host.name)  # a rebuilt host must not keep its old key
             files[callhome.CONF_PATH] = (callhome.host_config(env.name, host.name, self.callhome_url()), 0o600)
         pubkey = Path(ssh.keypair(self.config)[1]).read_text().strip()
         files[PROVISION_UNIT_PATH] = (PROVISION_UNIT, 0o644)
@@ -401,7 +404,8 @@ class LocalProvider(Provider):
         console = open(host.folder / "console.log", "wb")
         try:
             proc = subprocess.Popen(containment.enter_argv(cgroups, argv), stdin=subprocess.DEVNULL, stdout=console,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=localcmd.child_environ())
         finally:
             console.close()
         atomic_write(host.folder / "nspawn.pid", f"{proc.pid}\n")
@@ -437,8 +441,9 @@ class LocalProvider(Provider):
         if pid and not force:
             # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: an orderly poweroff.
             self._signal(pid, signal.SIGTERM)
+            nspawn = pid
             try:
-                wait_until(lambda: not localcmd.process_alive(pid), timeout=float(self.settings["stop_timeout_s"]),
+                wait_until(lambda: not localcmd.process_alive(nspawn), timeout=float(self.settings["stop_timeout_s"]),
                            what=f"{host.name} to shut down", interval=0.05)
             except WaitTimeout:
                 progress(f"{host.name}: no clean shutdown within {self.settings['stop_timeout_s']}s; killing it")

@@ -3,7 +3,7 @@
 A VirtualBox image is installed like this: the VM PXE-boots from VirtualBox's built-in NAT TFTP
 server, which serves ``state/tftp/<image>/`` (the provider points ``--nat-tftp-prefix1`` at it);
 pxelinux loads the installer kernel and initrd taken from the ISO; the installer fetches
-``http://10.0.2.2:<nginx port>/ks/<image>.cfg`` (booted's nginx serves ``state/kickstart/``) and
+``http://10.0.2.2:<nginx port>/ks/<random>.cfg`` (booted's nginx serves it at a path drawn per build) and
 installs from the DVD attached to the VM (``cdrom``). Each VM has its own TFTP folder, so two
 builds can run at once, and nothing is copied by hand.
 
@@ -18,24 +18,21 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 import shlex
 import shutil
 import string
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import yaml
-
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.core import names
-from fabfile.core import ssh
-from fabfile.core import state
-from fabfile.core.errors import BootedError, CommandError, ConfigError, UsageError
+from fabfile.core import localcmd, names, ssh, state
+from fabfile.core.errors import BootedError, CommandError, UsageError
 from fabfile.core.output import progress
-from fabfile.hosts.endpoint import share_with_workers
+from fabfile.hosts import callhome
+from fabfile.hosts.endpoint import kickstart_dir, share_with_workers
+from fabfile.services import manifest
 
 # From inside a NAT guest VirtualBox's host is 10.0.2.2 (its built-in TFTP server is 10.0.2.4).
 NAT_HOST = "10.0.2.2"
@@ -43,8 +40,6 @@ NAT_HOST = "10.0.2.2"
 BOOT_FILE = "pxelinux.0"
 # VirtualBox puts NIC 1 at PCI 00:03.0 and NIC 2 at 00:08.0, which systemd names enp0s3 / enp0s8.
 NIC_DEVICES = ("enp0s3", "enp0s8")
-DEFAULT_SERVICE_PORT = 9999
-SERVICE_DIR = state.PROJECT_ROOT / "service"
 TEMPLATE = state.PROJECT_ROOT / "kickstart" / "el9.ks.in"
 SUDOERS_PATH = "/etc/sudoers.d/booted"
 # Where the installer's kernel and initrd are on every RHEL 9 family DVD and boot ISO.
@@ -66,29 +61,9 @@ _PUBKEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-[a-
 
 
 # --------------------------------------------------------------------------- kickstart inputs
-def service_port(service: str) -> int:
-    """The port ``service`` listens on: ``port:`` in service/<service>/service.yaml, else 9999."""
-    path = SERVICE_DIR / names.check("service", service) / "service.yaml"
-    if not path.is_file():
-        return DEFAULT_SERVICE_PORT
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(str(path), "not valid YAML", line=mark.line + 1 if mark else None) from None
-    if doc is None:
-        return DEFAULT_SERVICE_PORT
-    if not isinstance(doc, dict):
-        raise ConfigError(str(path), "must be a mapping")
-    port = doc.get("port", DEFAULT_SERVICE_PORT)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(str(path), f"must be a TCP port (1-65535), not {port!r}", keypath="port")
-    return port
-
-
 def open_ports(env, image: str) -> list[int]:
     """TCP ports the image's firewall opens besides ssh: the service's, and nginx's on load balancers."""
-    ports = [service_port(env.service)]
+    ports = [manifest.get(env.service).port]
     if image in env.loadbalancers and env.lb_port not in ports:
         ports.append(env.lb_port)
     return ports
@@ -118,9 +93,10 @@ def _sha512_crypt(password: str) -> str:
         # The password goes on stdin: a command line is visible to every user in the process list.
         digest = localcmd.run(["openssl", "passwd", "-6", "-stdin"], input=password + "\n", timeout=30).stdout.strip()
     except CommandError as err:
-        digest = _python_crypt(password)
-        if digest is None:
+        fallback = _python_crypt(password)
+        if fallback is None:
             raise BootedError(f"cannot hash BOOTED_PW: {err} (install openssl)") from None
+        digest = fallback
     if not _SHA512_CRYPT.fullmatch(digest):
         raise BootedError("cannot hash BOOTED_PW: openssl passwd -6 gave no SHA-512 crypt hash (needs OpenSSL 1.1.1+)")
     return digest
@@ -158,8 +134,17 @@ def public_key(config) -> str:
 
 
 def kickstart_url(config, image: str) -> str:
-    """Where the installer fetches the image's kickstart: booted's nginx, through VirtualBox NAT."""
-    return f"http://{NAT_HOST}:{config.nginx['port']}/ks/{names.check('image', image)}.cfg"
+    """Where the installer fetches the image's kickstart: booted's nginx, through VirtualBox NAT, at
+    the random path of the image's current build (``kickstart_token``)."""
+    return f"http://{NAT_HOST}:{config.nginx['port']}/ks/{kickstart_token(image)}.cfg"
+
+
+def kickstart_token(image: str, new: bool = False) -> str:
+    """The random name the image's kickstart is served under; ``new`` draws one (each build)."""
+    path = state.state_path("kickstart", f"{names.check('image', image)}.token")
+    if new or not path.exists():
+        state.atomic_write(path, secrets.token_urlsafe(24) + "\n", mode=0o600)
+    return path.read_text().strip()
 
 
 def check_kickstart_served(config, image: str, timeout: float = 5.0) -> str:
@@ -264,12 +249,14 @@ NM_DHCP_CONF = "# written by booted\n[connection]\nipv4.dhcp-client-id=mac\n"
 
 
 def kickstart_path(image: str) -> Path:
-    return state.state_path("kickstart", f"{names.check('image', image)}.cfg")
+    """The file booted's nginx serves the image's kickstart from (``/ks/<token>.cfg``)."""
+    return kickstart_dir() / f"{kickstart_token(image)}.cfg"
 
 
 def write_kickstart(config, env, image: str, *, nics: Sequence[str] = NIC_DEVICES) -> Path:
-    """Render the kickstart and write it atomically to state/kickstart/<image>.cfg (mode 0640)."""
+    """Render the kickstart and write it atomically where nginx serves it (mode 0640)."""
     text = render_kickstart(config, env, image, nics=nics)
+    kickstart_dir(create=True)
     path = state.atomic_write(kickstart_path(image), text, mode=0o640)
     share_with_workers(path)
     return path
@@ -486,7 +473,12 @@ def stage_install(config, env, image: str, *, nics: Sequence[str] = NIC_DEVICES)
             shutil.copyfile(module, tmp / "ldlinux.c32")
             extract_pxeboot(iso, tmp / "el9")
             (tmp / "pxelinux.cfg").mkdir()
+            with contextlib.suppress(FileNotFoundError):
+                kickstart_path(image).unlink()  # a previous build's kickstart
+            kickstart_token(image, new=True)  # this build's own kickstart path
             state.atomic_write(tmp / "pxelinux.cfg" / "default", pxelinux_config(config, image))
+            if env is not None:
+                callhome.new_host_key(env.name, image)  # a rebuilt image must not keep its old key
             write_kickstart(config, env, image, nics=nics)
             # A folder cannot be renamed over a non-empty one: move the old one aside first.
             old = None
@@ -514,6 +506,11 @@ def unstage_install(image: str) -> None:
     """
     image = names.check("image", image)
     with state.locked(f"stage-{image}"):
-        with contextlib.suppress(FileNotFoundError):
-            kickstart_path(image).unlink()
+        token = state.state_path("kickstart", f"{image}.token")
+        if token.exists():
+            with contextlib.suppress(FileNotFoundError):
+                kickstart_path(image).unlink()
+            token.unlink()
+            with contextlib.suppress(OSError):
+                kickstart_dir().rmdir()  # the last one served: leave nothing behind
         shutil.rmtree(tftp_dir(image), ignore_errors=True)

@@ -8,21 +8,34 @@ message. ``list()`` reports every registered VM, booted's or not.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import shlex
 import shutil
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from fabfile.providers.virtualbox import media
 from fabfile.core import localcmd, names
 from fabfile.core.errors import BootedError, ConfigError, ProviderError, UsageError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
-from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
-from fabfile.providers.virtualbox.vboxmanage import VBoxError, VBoxManage, guest_addresses, mac_colon, parse_guestproperties, parse_hostonlyifs, parse_list_vms, parse_machinereadable, parse_ostypes, parse_snapshot_names
+from fabfile.providers.base import RUNNING, STOPPED, CloneRecord, Machine, Provider
+from fabfile.providers.virtualbox import media
+from fabfile.providers.virtualbox.vboxmanage import (
+    VBoxError,
+    VBoxManage,
+    guest_addresses,
+    mac_colon,
+    parse_guestproperties,
+    parse_hostonlyifs,
+    parse_list_vms,
+    parse_machinereadable,
+    parse_ostypes,
+    parse_snapshot_names,
+)
 
 if TYPE_CHECKING:
     from fabfile.core.config import Config, Environment
@@ -36,7 +49,7 @@ POWEROFF_TIMEOUT_S = 60           # `controlvm poweroff` pulls the plug; this on
 # States in which a VM holds no running process: safe to delete, nothing to stop (docs/virtualbox.md §3.4).
 STOPPED_STATES = {"poweroff", "aborted", "saved", "aborted-saved", "teleported"}
 STARTABLE_STATES = {"poweroff", "aborted", "saved", "aborted-saved"}
-FAILED_STATES = {"aborted", "aborted-saved", "gurumeditation"}
+FAILED_STATES = frozenset({"aborted", "aborted-saved", "gurumeditation"})
 
 # 7.x spells modifyvm options with hyphens; 7.1 still parses the older names (docs/virtualbox.md §1, §2.2). Older versions
 # only know the older names, so pick by version.
@@ -112,10 +125,12 @@ def console_argv(target: str, console_file: str, version: tuple[int, ...]) -> li
     return ["modifyvm", target, "--uart1", "0x3F8", "4", _opt("--uart-mode", version, 1), "file", console_file]
 
 
-def after_install_argvs(target: str) -> list[list[str]]:
-    """Boot from disk from now on (no PXE reinstall loop, docs/virtualbox.md §11), no console file, and remove the install DVD."""
+def after_install_argvs(target: str, version: tuple[int, ...] = (7, 1)) -> list[list[str]]:
+    """Boot from disk from now on (no PXE reinstall loop, docs/virtualbox.md §11), no console file, remove
+    the install DVD, and close NAT's way to this machine's loopback: only the installer needed it."""
     return [
-        ["modifyvm", target, "--boot1", "disk", "--boot2", "none", "--uart1", "off"],
+        ["modifyvm", target, "--boot1", "disk", "--boot2", "none", "--uart1", "off",
+         *(["--nat-localhostreachable1", "off"] if version >= (7, 0) else [])],
         ["storageattach", target, "--storagectl", CONTROLLER, "--port", str(DVD_PORT), "--device", "0",
          "--medium", "none"],
     ]
@@ -126,7 +141,8 @@ def clone_argvs(source: str, new: str, new_uuid: str, basefolder: str, version: 
     return [
         ["clonevm", source, "--snapshot", SNAPSHOT, "--options", "link", "--name", new,
          "--uuid", new_uuid, "--basefolder", basefolder, "--register"],
-        ["modifyvm", new_uuid, _opt("--mac-address", version, 1), "auto", _opt("--mac-address", version, 2), "auto"],
+        ["modifyvm", new_uuid, _opt("--mac-address", version, 1), "auto", _opt("--mac-address", version, 2), "auto",
+         *(["--nat-localhostreachable1", "off"] if version >= (7, 0) else [])],
     ]
 
 
@@ -190,7 +206,7 @@ class VirtualBoxProvider(Provider):
         """image -> {"uuid", "clone_of": {"image", "uuid", "snapshot"}} for the clones booted made."""
         return read_json(self._notes_path(), {}).get("images", {})
 
-    def _update_notes(self, change: Callable[[dict[str, dict]], None]) -> None:
+    def _update_notes(self, change: Callable[[dict[str, dict]], object]) -> None:
         with locked("virtualbox-notes"):
             doc = read_json(self._notes_path(), {})
             images = doc.setdefault("images", {})
@@ -202,15 +218,20 @@ class VirtualBoxProvider(Provider):
         """name -> UUID of every registered VM (``list vms``, docs/virtualbox.md §3.3)."""
         return {name: uuid for name, uuid in parse_list_vms(self.vbox.run("list", "vms").stdout)}
 
-    def _info(self, target: str, image: str, missing_ok: bool = False) -> dict[str, str] | None:
+    def _info(self, target: str, image: str) -> dict[str, str]:
+        info = self._info_if_any(target, image)
+        if info is None:
+            raise ProviderError("no such virtualbox image (see `fab image-list`)", image=image)
+        return info
+
+    def _info_if_any(self, target: str, image: str) -> dict[str, str] | None:
+        """``showvminfo``, or None if the VM is not (or no longer) registered."""
         try:
             out = self.vbox.run("showvminfo", target, "--machinereadable", image=image)
         except VBoxError as err:
             if not err.gone:
                 raise
-            if missing_ok:
-                return None
-            raise ProviderError("no such virtualbox image (see `fab image-list`)", image=image) from None
+            return None
         return parse_machinereadable(out.stdout)
 
     def _guest_props(self, target: str, image: str) -> dict[str, str]:
@@ -235,7 +256,7 @@ class VirtualBoxProvider(Provider):
         return info.get("UUID", image), info
 
     def _exists(self, image: str) -> bool:
-        return self._info(image, image, missing_ok=True) is not None
+        return self._info_if_any(image, image) is not None
 
     def booted_address(self) -> str:
         return self.settings["host_address"]
@@ -244,7 +265,7 @@ class VirtualBoxProvider(Provider):
         machines = []
         for name, uuid in parse_list_vms(self.vbox.run("list", "vms").stdout):
             # None: deleted by someone else between `list vms` and `showvminfo` (Vagrant ignores these, docs/virtualbox.md §10).
-            info = self._info(uuid, name, missing_ok=True)
+            info = self._info_if_any(uuid, name)
             if info is not None:
                 info.setdefault("name", name)
                 machines.append(self._machine(uuid, name, info))
@@ -252,11 +273,11 @@ class VirtualBoxProvider(Provider):
 
     def get(self, image: str) -> Machine | None:
         names.check("image", image)
-        info = self._info(image, image, missing_ok=True)
+        info = self._info_if_any(image, image)
         return None if info is None else self._machine(info.get("UUID", image), image, info)
 
     def _wait_state(self, target: str, image: str, *, done: Callable[[str], bool], timeout: float,
-                    what: str, hint: str = "", fail: set[str] = frozenset()) -> dict[str, str]:
+                    what: str, hint: str = "", fail: frozenset[str] = frozenset()) -> dict[str, str]:
         """Poll ``showvminfo`` until ``done(VMState)``; return that last showvminfo."""
         def check() -> dict[str, str] | None:
             info = self._info(target, image)
@@ -265,8 +286,9 @@ class VirtualBoxProvider(Provider):
                 raise ProviderError(f"went to state {state!r} while waiting for it {what}", image=image)
             return info if done(state) else None
 
-        return wait_until(check, timeout=timeout, what=f"{image} {what}", hint=hint,
-                          interval=_poll_interval(timeout))
+        found = wait_until(check, timeout=timeout, what=f"{image} {what}", hint=hint,
+                           interval=_poll_interval(timeout))
+        return found  # type: ignore[return-value]  # check's truthy result: a showvminfo
 
     # ----------------------------------------------------------------- build
     def _os_type(self) -> str:
@@ -341,7 +363,7 @@ class VirtualBoxProvider(Provider):
                 vm_uuid, image, done=lambda s: s == "poweroff", timeout=timeout,
                 what="to finish installing (the kickstart powers it off)", fail=FAILED_STATES,
                 hint="raise providers.virtualbox.build_timeout_s if the install is only slow")
-            for argv in after_install_argvs(vm_uuid):
+            for argv in after_install_argvs(vm_uuid, version):
                 self.vbox.run(*argv, image=image)
         except (BootedError, KeyboardInterrupt) as err:
             if not any(made.values()):
@@ -387,7 +409,7 @@ class VirtualBoxProvider(Provider):
         """Copy the VM's log folder (VBox.log*, ``LogFldr`` in showvminfo) and its serial console into
         ``<state>/diagnostics/<image>-<time>/`` before ``unregistervm --delete`` removes them."""
         try:
-            info = self._info(vm_uuid, image, missing_ok=True) or {}
+            info = self._info_if_any(vm_uuid, image) or {}
         except BootedError:
             info = {}
         logs = Path(info["LogFldr"]) if info.get("LogFldr") else self.basefolder() / image / "Logs"
@@ -438,11 +460,20 @@ class VirtualBoxProvider(Provider):
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise ProviderError(f"clone failed: {_reason(err)}; {leftover}", image=new) from None
+        # The MACs VirtualBox gave the clone (booted's say, not the guest's) are what proves, with its
+        # source's key, that a call home is the clone's: record them now.
+        made = self._machine(new_uuid, new)
         self._update_notes(lambda notes: notes.__setitem__(
-            new, {"uuid": new_uuid, "clone_of": {"image": source, "uuid": src_uuid, "snapshot": SNAPSHOT}}))
-        return self._machine(new_uuid, new)
+            new, {"uuid": new_uuid, "clone_of": {"image": source, "uuid": src_uuid, "snapshot": SNAPSHOT},
+                  "macs": list(made.macs)}))
+        return made
 
-    def _snapshots(self, target: str, image: str) -> list[str]:
+    def clone_records(self) -> builtins.list[CloneRecord]:
+        return [CloneRecord(image, note["clone_of"]["image"], tuple(note.get("macs", [])))
+                for image, note in sorted(self._notes().items())
+                if isinstance(note.get("clone_of"), dict) and note.get("macs")]
+
+    def _snapshots(self, target: str, image: str) -> "builtins.list[str]":
         try:
             out = self.vbox.run("snapshot", target, "list", "--machinereadable", image=image)
         except VBoxError as err:
@@ -499,11 +530,10 @@ class VirtualBoxProvider(Provider):
         state = info.get("VMState", "")
         if state not in STOPPED_STATES:
             raise ProviderError(f"is {state}; stop it first (fab image-stop --image {image})", image=image)
-        clones = {name: note["uuid"] for name, note in self._notes().items()
-                  if note.get("clone_of", {}).get("uuid") == vm_uuid}
-        if clones:
-            registered = set(self._registered().values())
-            clones = sorted(name for name, uuid in clones.items() if uuid in registered)
+        clone_uuids = {name: note["uuid"] for name, note in self._notes().items()
+                       if note.get("clone_of", {}).get("uuid") == vm_uuid}
+        registered = set(self._registered().values()) if clone_uuids else set()
+        clones = sorted(name for name, uuid in clone_uuids.items() if uuid in registered)
         if clones:
             raise ProviderError(f"has linked clones ({', '.join(clones)}); delete them first", image=image)
         self.vbox.run("unregistervm", vm_uuid, "--delete", image=image)

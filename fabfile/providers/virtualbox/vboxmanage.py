@@ -18,8 +18,8 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from fabfile.core import localcmd
 from fabfile.core.errors import CommandError, ProviderError, UsageError
@@ -179,7 +179,8 @@ def parse_ostypes(text: str) -> list[str]:
 
 def parse_hostonlyifs(text: str) -> list[dict[str, str]]:
     """``list hostonlyifs``: blocks separated by blank lines, ``Key:   value`` per line."""
-    blocks, current = [], {}
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
     for line in text.splitlines() + [""]:
         if not line.strip():
             if current:
