@@ -32,8 +32,8 @@ import argparse
 import ipaddress
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys

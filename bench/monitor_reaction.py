@@ -229,7 +229,6 @@ def main() -> int:
         tl.add(f"one worker's bring-up (env-start-worker mr-w3, fresh image): {bringup_s:.1f} s")
         stop_and_delete("mr-w3")
         lb_addr = lab.host_address(LB)
-        w1 = lab.host_address("mr-w1")
         lb_log = root / "state" / "local" / "hosts" / LB / "upper" / LB_LOG
 
         with open(out_path, "wb") as fh:
