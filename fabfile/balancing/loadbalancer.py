@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from fabfile.core import ssh
-from fabfile.core import templates
+from fabfile.core import ssh, templates
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, HostError
-from fabfile.hosts.inventory import HostEntry, Inventory
 from fabfile.core.http import http_request
 from fabfile.core.state import PROJECT_ROOT
+from fabfile.hosts.inventory import HostEntry, Inventory
 
 TEMPLATE = PROJECT_ROOT / "nginx" / "loadbalancer.conf"
 REMOTE_CONF = "/etc/nginx/conf.d/booted-lb.conf"

@@ -10,20 +10,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fabfile.flows import plans, rollout
-from fabfile.flows import discovery
 from fabfile.balancing import loadbalancer
-from fabfile.hosts import endpoint as nginxctl
-from fabfile.services import release
-from fabfile.services import manifest as services
 from fabfile.core import ssh
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, WaitTimeout
-from fabfile.core.http import http_request
 from fabfile.core.fanout import HostResult, fan_out, raise_if_failed
-from fabfile.hosts.inventory import Inventory
+from fabfile.core.http import http_request
 from fabfile.core.output import host_line, progress, say, wait_until
+from fabfile.flows import discovery, plans, rollout
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.hosts.inventory import Inventory
 from fabfile.providers import Provider, get_provider
+from fabfile.services import manifest as services
+from fabfile.services import release
 
 
 @dataclass
