@@ -1,7 +1,7 @@
 """The architecture as a checked contract: dependencies point one way, no import circle, no
 function-local import hiding one, and no code outside fabfile/providers/ names a provider.
 
-tasks (fabfile/*.py) -> flows -> services / balancing / scaling / providers -> hosts -> core.
+tasks (fabfile/*.py) -> flows -> balancing / scaling / providers -> services -> hosts -> core.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from fabfile import providers
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "fabfile"
 
-RANK = {"core": 0, "hosts": 1, "services": 2, "balancing": 2, "scaling": 2, "providers": 2, "flows": 3}
-TASKS = 4
+RANK = {"core": 0, "hosts": 1, "services": 2, "balancing": 3, "scaling": 3, "providers": 3, "flows": 4}
+TASKS = 5
 
 
 def module_name(path: Path) -> str:

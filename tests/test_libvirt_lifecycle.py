@@ -60,7 +60,7 @@ def world(tmp_path, monkeypatch):
     prov.env = cfg.env("vms")
     yield prov
     # the test driver's state lives as long as this process: leave none of ours behind
-    for hv, dom, _ in prov._domains():
+    for _hv, dom, _ in prov._domains():
         if dom.isActive():
             dom.destroy()
         dom.undefine()
@@ -233,7 +233,7 @@ def test_missing_bindings_and_daemon_are_one_line(monkeypatch):
     assert "libvirtd is not installed: apt-get install" in hv.explain_open_failure(err)
     monkeypatch.setattr(hypervisor, "libvirt", None)
     with pytest.raises(ProviderError) as info:
-        hypervisor.Hypervisor("default", "test:///default").conn
+        _ = hypervisor.Hypervisor("default", "test:///default").conn
     assert str(info.value).startswith("the libvirt Python bindings are missing: apt-get install libvirt-dev pkg-config")
     assert "\n" not in str(info.value)
 
@@ -241,7 +241,7 @@ def test_missing_bindings_and_daemon_are_one_line(monkeypatch):
 def test_unreachable_hypervisor_names_the_uri(tmp_path):
     hv = hypervisor.Hypervisor("default", f"test://{tmp_path}/missing.xml")
     with pytest.raises(ProviderError, match=f"^libvirt test://{tmp_path}/missing.xml: "):
-        hv.conn
+        _ = hv.conn
 
 
 CAPS = """<capabilities><host><cpu><arch>x86_64</arch>{features}</cpu></host>

@@ -16,7 +16,6 @@ import time
 import urllib.request
 
 import pytest
-
 from loadgen import SteadyLoad
 from vmlab import ROOT, VmLab, cannot_run_vms, make_vm_lab
 

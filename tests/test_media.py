@@ -24,6 +24,7 @@ from fabfile.hosts import callhome
 from fabfile.hosts.endpoint import kickstart_dir
 from fabfile.providers import load_config
 from fabfile.providers.virtualbox import media
+from fabfile.services import manifest
 from tests.isofixture import DEFAULT_FILES, make_test_iso
 
 REPO_CONFIG = state.PROJECT_ROOT / "environments.yaml"
@@ -50,11 +51,10 @@ environments:
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Own state dir, no service.yaml, and none of the user's BOOTED_* settings."""
+    """Own state dir and none of the user's BOOTED_* settings."""
     monkeypatch.setenv("BOOTED_STATE_DIR", str(tmp_path / "state"))
     for name in ("BOOTED_PW", "BOOTED_USER", "BOOTED_SSH_KEY", "BOOTED_CONFIG", "BOOTED_PXELINUX_DIR"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(media, "SERVICE_DIR", tmp_path / "service")
 
 
 def write_config(tmp_path, iso="iso/install.iso", sha=""):
@@ -231,13 +231,14 @@ def test_login_user_comes_from_booted_user_and_root_is_refused(cfg, monkeypatch)
         media.render_kickstart(cfg, cfg.env("prod"), "prod-web1")
 
 
-def test_service_port_comes_from_service_yaml(cfg):
-    folder = media.SERVICE_DIR / "hello"
+def test_service_port_comes_from_service_yaml(cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "services_root", lambda: tmp_path / "service")
+    folder = tmp_path / "service" / "hello"
     folder.mkdir(parents=True)
-    (folder / "service.yaml").write_text("name: hello\nport: 7000\n")
+    (folder / "service.yaml").write_text((state.PROJECT_ROOT / "service" / "hello" / "service.yaml").read_text().replace("port: 9999", "port: 7000"))
     assert parse(media.render_kickstart(cfg, cfg.env("prod"), "prod-lb1")).firewall.ports == ["7000:tcp", "8088:tcp"]
-    (folder / "service.yaml").write_text("port: http\n")
-    with pytest.raises(ConfigError, match=r"service\.yaml: port: must be a TCP port"):
+    (folder / "service.yaml").write_text((state.PROJECT_ROOT / "service" / "hello" / "service.yaml").read_text().replace("port: 9999", "port: http"))
+    with pytest.raises(ConfigError, match=r"service\.yaml.*port"):
         media.render_kickstart(cfg, cfg.env("prod"), "prod-lb1")
 
 

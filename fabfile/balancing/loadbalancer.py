@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from fabfile.core import ssh
-from fabfile.core import templates
+from fabfile.core import ssh, templates
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, HostError
-from fabfile.hosts.inventory import HostEntry, Inventory
 from fabfile.core.http import http_request
 from fabfile.core.state import PROJECT_ROOT
+from fabfile.hosts.inventory import HostEntry, Inventory
 
 TEMPLATE = PROJECT_ROOT / "nginx" / "loadbalancer.conf"
 REMOTE_CONF = "/etc/nginx/conf.d/booted-lb.conf"
@@ -162,11 +161,23 @@ def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),
     lbs = loadbalancers(cfg, env)
     if not lbs:
         raise BootedError(f"environment {env.name} has no load balancer host in the inventory")
-    for lb in lbs:
+    # A load balancer already serving this very config is left alone: re-running env-start-all on
+    # an environment that is up checks it (one HTTP request) instead of reloading nginx.
+    stale = [lb for lb in lbs if serving_config(env, lb) != config_id]
+    for lb in stale:
         push(cfg, lb, text)
-    for lb in lbs:
+    for lb in stale:
         wait_serving(env, lb, config_id)
     return [url(env, lb) for lb in lbs]
+
+
+def serving_config(env: Environment, lb: HostEntry) -> str | None:
+    """The config id the load balancer's nginx answers at /booted-lb/config (None: no answer)."""
+    try:
+        status, body = http_request(lb.address, env.lb_port, "GET", "/booted-lb/config", timeout=2)
+    except OSError:
+        return None
+    return body.strip() if status == 200 else None
 
 
 def wait_serving(env: Environment, lb: HostEntry, wanted: str, timeout: float = 10.0) -> None:
@@ -175,12 +186,8 @@ def wait_serving(env: Environment, lb: HostEntry, wanted: str, timeout: float = 
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            status, body = http_request(lb.address, env.lb_port, "GET", "/booted-lb/config", timeout=2)
-            if status == 200 and body.strip() == wanted:
-                return
-        except OSError:
-            pass
+        if serving_config(env, lb) == wanted:
+            return
         time.sleep(0.05)
     raise HostError(lb.image, f"load balancer did not switch to the new config within {timeout:g}s")
 

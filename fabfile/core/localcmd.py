@@ -19,10 +19,16 @@ class CommandResult:
     stdout: str = ""
     stderr: str = ""
     extra: dict = field(default_factory=dict)
+    host: str = ""  # where it ran: "" for this machine, else the remote host (fabfile.core.ssh)
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    def failure(self, what: str) -> str:
+        """``WHAT failed (exit N): its last line of output``: how booted reports a failed command."""
+        detail = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return f"{what} failed (exit {self.returncode})" + (f": {detail[-1]}" if detail else "")
 
     @property
     def command(self) -> str:
@@ -63,12 +69,7 @@ def run(
         raise CommandError(f"timed out after {timeout:g}s: {' '.join(argv[:3])}") from None
     result = CommandResult(argv, proc.returncode, proc.stdout, proc.stderr)
     if check and not result.ok:
-        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise CommandError(
-            f"{' '.join(argv[:3])} failed (exit {result.returncode})"
-            + (f": {detail[-1]}" if detail else ""),
-            result,
-        )
+        raise CommandError(result.failure(" ".join(argv[:3])), result)
     return result
 
 

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fabfile.hosts import callhome
-from fabfile.core import names
-from fabfile.hosts import endpoint as nginxctl
-from fabfile.hosts import reach
-from fabfile.core import ssh
-from fabfile.hosts.bootlog import BootedLog, ReadResult
+from fabfile.core import names, ssh
 from fabfile.core.errors import BootedError
 from fabfile.core.output import progress
-from fabfile.hosts.inventory import HostEntry, Inventory, RecordSummary
+from fabfile.hosts import callhome, reach
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.hosts.bootlog import BootedLog, ReadResult
+from fabfile.hosts.inventory import HostEntry, Inventory, RecordSummary, mark_reachable
 from fabfile.providers import CloneRecord, get_provider
 
 # $1 hostname; stdin: the host's new call-home config. A VirtualBox clone inherits its source's
@@ -77,9 +75,11 @@ def probe_inventory(env: str | None = None, timeout: float = 1.0) -> dict[str, b
 
 
 def filter_reachable(cfg, timeout: float = 1.0) -> dict[str, bool]:
-    """Probe every inventory host's SSH port at once; drop the ones that don't answer."""
-    results = probe_inventory(timeout=timeout)
-    with Inventory().update() as hosts:
+    """Probe every inventory host's SSH port at once; drop the ones that don't answer (one write)."""
+    inv = Inventory()
+    results = reach.probe_ssh([e.address for e in inv.hosts()], timeout=timeout)
+    with inv.update() as hosts:
+        mark_reachable(hosts, results)
         for image in [i for i, e in hosts.items() if not e.reachable]:
             del hosts[image]
     return results

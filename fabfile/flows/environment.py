@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fabfile.flows import plans, rollout
-from fabfile.flows import discovery
 from fabfile.balancing import loadbalancer
-from fabfile.hosts import endpoint as nginxctl
-from fabfile.services import release
-from fabfile.services import manifest as services
 from fabfile.core import ssh
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, WaitTimeout
-from fabfile.core.http import http_request
 from fabfile.core.fanout import HostResult, fan_out, raise_if_failed
-from fabfile.hosts.inventory import Inventory
+from fabfile.core.http import http_request
 from fabfile.core.output import host_line, progress, say, wait_until
+from fabfile.flows import discovery, plans, rollout
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.hosts.inventory import Inventory
 from fabfile.providers import Provider, get_provider
+from fabfile.services import manifest as services
+from fabfile.services import release
 
 
 @dataclass
@@ -116,7 +116,9 @@ def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, 
         machine = prov.start(image)
         return f"started ({', '.join(machine.addresses) or 'address pending'})"
 
-    results = fan_out(images, one, label=lambda i: i, parallel=8)
+    # All at once, as plain systemd-nspawn would: a start mostly waits for the host to boot, and
+    # a bound here made 31 hosts boot in four waves.
+    results = fan_out(images, one, label=lambda i: i, parallel=len(images))
     raise_if_failed("start", results)
     return started
 
@@ -166,7 +168,7 @@ def stop_images(cfg: Config, env: Environment, images: list[str]) -> list[HostRe
             Inventory().remove(image)
         return "stopped" if plan[image] == "stop" else plan[image]
 
-    return fan_out(images, one, label=lambda i: i, parallel=8)
+    return fan_out(images, one, label=lambda i: i, parallel=len(images))
 
 
 # ---------------------------------------------------------------------------- service and balancing
@@ -174,8 +176,12 @@ def service_of(env: Environment) -> services.Service:
     return services.get(env.service)
 
 
-def converge_service(cfg: Config, env: Environment, images: list[str], version: str | None = None) -> list[HostResult]:
-    """Deploy the environment's version to the workers among ``images`` that don't serve it yet."""
+def converge_service(cfg: Config, env: Environment, images: list[str], version: str | None = None,
+                     loadbalancer_live: bool | None = None) -> list[HostResult]:
+    """Deploy the environment's version to the workers among ``images`` that don't serve it yet.
+
+    ``loadbalancer_live``: whether users are served through a load balancer, if the caller already
+    asked (None: ask now)."""
     svc = service_of(env)
     version = version or env.version
     workers = [e for e in Inventory().hosts(env=env.name, role="workers") if e.image in images]
@@ -184,7 +190,9 @@ def converge_service(cfg: Config, env: Environment, images: list[str], version: 
     for image in serving:
         if image not in stale:
             say(host_line(image, True, f"already serving {version}"))
-    mode = plans.converge_mode(stale, bool(stale) and has_live_loadbalancer(cfg, env))
+    if loadbalancer_live is None:
+        loadbalancer_live = bool(stale) and has_live_loadbalancer(cfg, env)
+    mode = plans.converge_mode(stale, loadbalancer_live)
     if mode == plans.ROLLING:
         # users are being served: replace the stale workers one at a time behind the balancer
         return rolling_deploy(cfg, env, version, images=stale)
@@ -339,12 +347,19 @@ def bring_up(cfg: Config, env: Environment, images: list[str]) -> EnvReport:
     wait_called_home(cfg, env, started)
     probe(cfg, env, images)
     svc = service_of(env)
+    live = has_live_loadbalancer(cfg, env)
     say(f"== deploying {svc.name} {env.version}")
-    raise_if_failed(f"{svc.name}-deploy", converge_service(cfg, env, images))
-    say(f"== testing {svc.name}")
-    raise_if_failed(f"{svc.name}-test", rollout.test(cfg, svc, env.name))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Nobody is served through a load balancer that is not up yet: its config goes out while the
+        # workers deploy (it used to wait for them); the request through it is checked below.
+        early = None if live else pool.submit(loadbalancer.update, cfg, env, svc.port)
+        raise_if_failed(f"{svc.name}-deploy", converge_service(cfg, env, images, loadbalancer_live=live))
+        say(f"== testing {svc.name}")
+        raise_if_failed(f"{svc.name}-test", rollout.test(cfg, svc, env.name))
+        if early is not None:
+            early.result()  # its failure, if any, is reported here
     say("== configuring load balancers")
-    urls = balance(cfg, env)
+    urls = balance(cfg, env)  # a load balancer already serving this config is only checked
     report = EnvReport(env.name, env.version, urls=urls)
     for e in Inventory().hosts(env=env.name):
         report.hosts.append((e.image, ",".join(e.roles), e.address))

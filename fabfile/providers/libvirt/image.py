@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fabfile.core import localcmd
-from fabfile.hosts import callhome
 from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress
 from fabfile.core.state import atomic_write, locked
+from fabfile.hosts import callhome
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
 RECIPE_VERSION = "2"

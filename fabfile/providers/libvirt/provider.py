@@ -28,18 +28,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from fabfile.core import names, ssh
-from fabfile.hosts import callhome
-from fabfile.providers.local import network as localnet
 from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import locked, state_dir
+from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
-from fabfile.providers.local.provider import HOST_PROVISION, LocalProvider, image_cache_dir
-
 from fabfile.providers.libvirt import domainxml, image
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
 from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
 from fabfile.providers.libvirt.placement import DEFAULT_HYPERVISOR, hypervisors_from_settings
+from fabfile.providers.local import network as localnet
+from fabfile.providers.local.provider import HOST_PROVISION, LocalProvider, image_cache_dir
 
 
 def owner_tag() -> str:
@@ -433,7 +432,7 @@ class LibvirtProvider(Provider):
             dom.undefineFlags(lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         except lv.libvirtError as err:
             raise ProviderError(f"could not undefine: {err.get_error_message()}", image=image_name) from None
-        pool = self.pool(hv)
+        self.pool(hv)  # the storage pool must answer before its volumes are removed
         for path in facts.disks:
             if not Path(path).name.startswith(self.domain_name(image_name) + "."):
                 continue  # the shared base image and kernel stay

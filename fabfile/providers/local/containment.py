@@ -148,6 +148,7 @@ def hierarchies() -> list[Hierarchy]:
 def processes_by_upperdir() -> dict[str, set[int]]:
     """Every process on this machine whose root is an overlay, by the overlay's upper directory."""
     by_root: dict[tuple, str | None] = {}  # processes sharing a mount namespace and root share the answer
+    real: dict[str, str] = {}  # upper dir as mountinfo names it -> its real path (one lookup per scan)
     found: dict[str, set[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -158,7 +159,9 @@ def processes_by_upperdir() -> dict[str, set[int]]:
             if key not in by_root:
                 upper = root_upperdir(Path(f"/proc/{entry}/mountinfo").read_text())
                 # the real path, so a state dir named through a symlink still matches
-                by_root[key] = os.path.realpath(upper) if upper else None
+                if upper and upper not in real:
+                    real[upper] = os.path.realpath(upper)
+                by_root[key] = real[upper] if upper else None
         except OSError:
             continue  # gone, or a kernel thread
         upper = by_root[key]

@@ -27,13 +27,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from fabfile.core import localcmd, names, ssh, state
-from fabfile.core.errors import BootedError, CommandError, ConfigError, UsageError
+from fabfile.core.errors import BootedError, CommandError, UsageError
 from fabfile.core.output import progress
 from fabfile.hosts import callhome
 from fabfile.hosts.endpoint import kickstart_dir, share_with_workers
+from fabfile.services import manifest
 
 # From inside a NAT guest VirtualBox's host is 10.0.2.2 (its built-in TFTP server is 10.0.2.4).
 NAT_HOST = "10.0.2.2"
@@ -41,8 +40,6 @@ NAT_HOST = "10.0.2.2"
 BOOT_FILE = "pxelinux.0"
 # VirtualBox puts NIC 1 at PCI 00:03.0 and NIC 2 at 00:08.0, which systemd names enp0s3 / enp0s8.
 NIC_DEVICES = ("enp0s3", "enp0s8")
-DEFAULT_SERVICE_PORT = 9999
-SERVICE_DIR = state.PROJECT_ROOT / "service"
 TEMPLATE = state.PROJECT_ROOT / "kickstart" / "el9.ks.in"
 SUDOERS_PATH = "/etc/sudoers.d/booted"
 # Where the installer's kernel and initrd are on every RHEL 9 family DVD and boot ISO.
@@ -64,29 +61,9 @@ _PUBKEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-[a-
 
 
 # --------------------------------------------------------------------------- kickstart inputs
-def service_port(service: str) -> int:
-    """The port ``service`` listens on: ``port:`` in service/<service>/service.yaml, else 9999."""
-    path = SERVICE_DIR / names.check("service", service) / "service.yaml"
-    if not path.is_file():
-        return DEFAULT_SERVICE_PORT
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(str(path), "not valid YAML", line=mark.line + 1 if mark else None) from None
-    if doc is None:
-        return DEFAULT_SERVICE_PORT
-    if not isinstance(doc, dict):
-        raise ConfigError(str(path), "must be a mapping")
-    port = doc.get("port", DEFAULT_SERVICE_PORT)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(str(path), f"must be a TCP port (1-65535), not {port!r}", keypath="port")
-    return port
-
-
 def open_ports(env, image: str) -> list[int]:
     """TCP ports the image's firewall opens besides ssh: the service's, and nginx's on load balancers."""
-    ports = [service_port(env.service)]
+    ports = [manifest.get(env.service).port]
     if image in env.loadbalancers and env.lb_port not in ports:
         ports.append(env.lb_port)
     return ports
