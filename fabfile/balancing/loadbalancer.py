@@ -15,6 +15,7 @@ from fabfile.core import ssh, templates
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, HostError
 from fabfile.core.http import http_request
+from fabfile.core.output import poll
 from fabfile.core.state import PROJECT_ROOT
 from fabfile.hosts.inventory import HostEntry, Inventory
 
@@ -182,13 +183,8 @@ def serving_config(env: Environment, lb: HostEntry) -> str | None:
 
 def wait_serving(env: Environment, lb: HostEntry, wanted: str, timeout: float = 10.0) -> None:
     """A reload only signals nginx; wait until its new workers answer with the new config."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if serving_config(env, lb) == wanted:
-            return
-        time.sleep(0.05)
+    if poll(lambda: serving_config(env, lb) == wanted, timeout=timeout):
+        return
     raise HostError(lb.image, f"load balancer did not switch to the new config within {timeout:g}s")
 
 
