@@ -19,14 +19,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fabfile.core import localcmd
-from fabfile.core.errors import ProviderError, WaitTimeout
+from fabfile.core.errors import ProviderError
 from fabfile.core.output import progress
 from fabfile.core.state import atomic_write, locked
 from fabfile.hosts import callhome
@@ -162,7 +161,7 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
             root = work / "rootfs"
             localcmd.run(["cp", "-a", "--reflink=auto", "--", str(rootfs), str(root)], timeout=600)
             _install_files(root, provision_script)
-            _run_logged(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--resolv-conf=copy-host",
+            localcmd.run_logged(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--resolv-conf=copy-host",
                          "--timezone=off", "-D", str(root), "--", "/bin/sh", "-c", VM_CUSTOMIZE],
                         work / "customize.log", timeout=900, what="VM image customisation (apt, kernel, initrd)")
             kernels = sorted((root / "boot").glob("vmlinuz-*"))
@@ -172,9 +171,9 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
             shutil.copyfile(kernels[-1], work / "vmlinuz")
             shutil.copyfile(initrds[-1], work / "initrd")
             raw = work / "disk.raw"
-            _run_logged(["mkfs.ext4", "-q", "-F", "-L", "booted-root", "-d", str(root), str(raw), f"{disk_mb}M"],
+            localcmd.run_logged(["mkfs.ext4", "-q", "-F", "-L", "booted-root", "-d", str(root), str(raw), f"{disk_mb}M"],
                         work / "mkfs.log", timeout=900, what="mkfs.ext4 of the VM image")
-            _run_logged(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "disk.qcow2")],
+            localcmd.run_logged(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "disk.qcow2")],
                         work / "convert.log", timeout=600, what="qemu-img convert")
             for src, dest in ((work / "disk.qcow2", base.disk), (work / "vmlinuz", base.kernel),
                               (work / "initrd", base.initrd)):
@@ -201,28 +200,6 @@ def _install_files(root: Path, provision_script: str) -> None:
     files["/etc/modprobe.d/booted-vm.conf"] = (MODPROBE_BLACKLIST, 0o644)
     for path, (content, mode) in files.items():
         atomic_write(root / path.lstrip("/"), content, mode=mode)
-
-
-def _run_logged(argv: list[str], log: Path, timeout: float, what: str) -> None:
-    """Run a long step with its output in ``log``, a progress line every 15 s, and a timeout."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                process_group=0)
-        start = time.monotonic()
-        next_report = start + 15
-        while proc.poll() is None:
-            now = time.monotonic()
-            if now - start > timeout:
-                proc.kill()
-                proc.wait()
-                raise WaitTimeout(f"{what} did not finish within {timeout:g}s")
-            if now >= next_report:
-                progress(f"... {what} ({now - start:.0f}s)")
-                next_report = now + 15
-            time.sleep(0.3)
-    if proc.returncode != 0:
-        lines = log.read_text(errors="replace").strip().splitlines()
-        raise ProviderError(f"{what} failed (exit {proc.returncode}): {lines[-1][:160] if lines else 'no output'}")
 
 
 @dataclass(frozen=True)
