@@ -148,3 +148,42 @@ def test_monitor_lab_config_is_valid(tmp_path):
     path.write_text(monitor_reaction.lab_config(8123, "bbmr00001", "10.250.3.0/24"))
     env = load_config(path).env(monitor_reaction.ENV)
     assert (env.monitor.interval_s, env.monitor.up_samples, env.monitor.down_window_s) == (2, 2, 10)
+
+
+# ------------------------------------------------------------------------------ discovery_bench
+import discovery_bench  # noqa: E402
+
+
+def test_the_mixed_log_is_what_it_says_when_booted_reads_it(tmp_path, monkeypatch):
+    """1 in 10 lines a valid call, 3 in 10 forged (skipped as such), the rest junk: read by booted's own parser."""
+    from collections import Counter
+
+    from fabfile.hosts import bootlog, callhome
+    from fabfile.providers import load_config
+
+    monkeypatch.setenv("BOOTED_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "environments.yaml").write_text(discovery_bench.config_text())
+    cfg = load_config(tmp_path / "environments.yaml")
+    keys = {name: callhome.host_key(discovery_bench.ENV, name) for name in discovery_bench.images()}
+    log = tmp_path / "mixed.log"
+    discovery_bench.write_mixed(log, 0, 1000, keys, 1_800_000_000)
+    result = bootlog.BootedLog(log, cfg, control=()).read_all()
+    assert len(result.calls) == discovery_bench.expected_calls(0, 1000) == 100
+    assert {c.name for c in result.calls} == set(discovery_bench.images())
+    assert result.skipped == Counter({bootlog.MALFORMED: 600, bootlog.BAD_SIGNATURE: 200, bootlog.UNKNOWN_IMAGE: 100})
+
+
+@pytest.mark.parametrize("out, lines, calls, ok", [
+    ("read 1000 lines of /x/mixed.log: 100 calls home; skipped: ...", 1000, 100, True),
+    ("read 1000 lines of /x/mixed.log: 99 calls home; skipped: ...", 1000, 100, False),
+    ("read 999 lines of /x/mixed.log: 100 calls home; skipped: ...", 1000, None, False),
+    ("nothing", 0, 0, False),
+])
+def test_discovery_runs_are_judged_on_the_summary_line(out, lines, calls, ok):
+    assert discovery_bench.check_summary(out, lines, calls)[0] is ok
+
+
+def test_a_re_read_of_only_the_new_lines_is_proportional():
+    # full read: 1M lines in 0.3 + 3.0 s -> 3 us a line; 10,000 new lines predict 0.03 s
+    assert discovery_bench.proportional(3.3, 1_000_000, 0.3, 0.33, 10_000) == pytest.approx(1.0)
+    assert discovery_bench.proportional(3.3, 1_000_000, 0.3, 3.3, 10_000) == pytest.approx(100.0)  # re-read it all
