@@ -396,9 +396,9 @@ def _line_batches(fh, start: int) -> Iterator[tuple[list[bytes | None], int]]:
                     overlong, pending = True, b""
             position += len(chunk)
             continue
-        parts: list[bytes | None] = list(chunk[:last].split(b"\n"))
-        head = None if overlong else pending + parts[0]
-        parts[0] = head if head is not None and len(head) <= MAX_LINE else None
+        split = chunk[:last].split(b"\n")
+        head = None if overlong else pending + split[0]
+        parts: list[bytes | None] = [head if head is not None and len(head) <= MAX_LINE else None, *split[1:]]
         lines = [p if p is None or len(p) <= MAX_LINE else None for p in parts]
         tail = chunk[last + 1:]
         overlong = len(tail) > MAX_LINE
