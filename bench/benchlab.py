@@ -125,8 +125,8 @@ def git(args: list[str]) -> str:
 def _make_hello_repo(lab: Lab, dest: Path) -> str:
     """A bare copy of the hello repo booted builds (v1, v2); returns v2's commit."""
     with lab.activated():
-        from fabfile.services import repo as servicerepo
         from fabfile.services import manifest as services
+        from fabfile.services import repo as servicerepo
 
         source = servicerepo.ensure_local_repo(services.get(SERVICE))
     git(["clone", "--quiet", "--bare", str(source), str(dest)])

@@ -78,8 +78,8 @@ def test_markdown_table_has_a_row_per_tool_and_the_verdicts():
 
 def test_peers_get_the_same_remote_command_as_booted(tmp_path):
     """The floor's remote command is exactly what booted's ssh.run_with_input sends."""
-    from fabfile.services import release
     from fabfile.core import ssh
+    from fabfile.services import release
 
     ship = tools.Shipment(service="hello", version="v9", commit="c" * 40, tarball=tmp_path / "r.tar.gz",
                           unit="[Unit]\nDescription=x", script=release.DEPLOY_SCRIPT, keep=5, port=9999,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from fabfile.core.errors import BootedError
 from fabfile.flows import plans
 from fabfile.hosts.inventory import HostEntry
 from fabfile.providers.base import RUNNING, STOPPED, Machine
@@ -58,3 +59,46 @@ def test_converge(serving, live, stale, mode):
     got = plans.stale_workers(serving, "v2")
     assert got == stale
     assert plans.converge_mode(got, live) == mode
+
+
+class FakeSteps:
+    """Records what a rolling change did; ``fail`` names (step, image) that raise."""
+
+    def __init__(self, fail=()):
+        self.fail, self.calls = set(fail), []
+
+    def _do(self, step, image=""):
+        self.calls.append(f"{step} {image}".strip())
+        if (step, image) in self.fail:
+            raise BootedError(f"{step} failed on {image}")
+
+    def drain(self, image):
+        self._do("drain", image)
+
+    def change(self, image):
+        self._do("change", image)
+        return f"{image} now v2"
+
+    def check(self, image):
+        self._do("check", image)
+
+    def restore(self):
+        self._do("restore")
+
+
+@pytest.mark.parametrize("fail, calls, outcome", [
+    ((), ["drain w1", "change w1", "check w1", "restore", "drain w2", "change w2", "check w2", "restore"],
+     [("w1", True), ("w2", True)]),
+    # a worker that fails its change stays drained (no restore) and the rollout stops there
+    ({("change", "w1")}, ["drain w1", "change w1"], [("w1", False)]),
+    # readiness failing on the second worker: the first was already back in; the second stays out
+    ({("check", "w2")}, ["drain w1", "change w1", "check w1", "restore", "drain w2", "change w2", "check w2"],
+     [("w1", True), ("w2", False)]),
+])
+def test_roll_one_worker_at_a_time_and_stop_at_the_first_failure(fail, calls, outcome):
+    steps = FakeSteps(fail)
+    heard = []
+    results = plans.roll(["w1", "w2"], steps, lambda image, ok, detail: heard.append((image, ok)))
+    assert steps.calls == calls
+    assert [(image, ok) for image, ok, _ in results] == outcome == heard
+    assert all("left drained; rollout stopped" in d for _, ok, d in results if not ok)

@@ -18,6 +18,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from gate import pack_and_test
 
 from fabfile.hosts import bootlog, callhome
 from fabfile.hosts.bootlog import BootedLog
@@ -268,10 +269,9 @@ def _processes(pattern: str) -> list[int]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
 def test_tag_code_runs_unprivileged_without_secrets_or_state(spy_service, tmp_path):
     """Finding 2: the tag's tests see no root, no BOOTED_PW, no repo URL, no state dir; nothing outlives them."""
-    from fabfile.services import repo as servicerepo
 
     before = set(_processes("300") + _processes("301"))
-    tested = servicerepo.pack_and_test(spy_service, "v9", tmp_path / "gate")
+    tested = pack_and_test(spy_service, "v9", tmp_path / "gate")
     assert tested.ok, tested.output
     spied = {line.split()[1]: line for line in tested.output.splitlines() if line.startswith("SPY ")}
     assert " 0" not in spied["uid"] and "euid 0" not in spied["uid"], spied["uid"]
@@ -284,12 +284,11 @@ def test_tag_code_runs_unprivileged_without_secrets_or_state(spy_service, tmp_pa
 def test_the_test_time_limit_kills_the_whole_process_group(spy_service, tmp_path, monkeypatch):
     import dataclasses
 
-    from fabfile.services import repo as servicerepo
 
     hanging = dataclasses.replace(spy_service, test_timeout_s=3.0, env={**spy_service.env, "SPY_HANG": "1"})
     before = set(_processes("300") + _processes("301"))
     started = time.monotonic()
-    tested = servicerepo.pack_and_test(hanging, "v9", tmp_path / "gate")
+    tested = pack_and_test(hanging, "v9", tmp_path / "gate")
     assert not tested.ok and "timed out after 3s" in tested.output
     assert time.monotonic() - started < 30
     assert set(_processes("300") + _processes("301")) <= before

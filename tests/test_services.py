@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gate import pack_and_test
 
 from fabfile.core.errors import ConfigError, UsageError
 from fabfile.services import manifest as services
@@ -283,10 +284,11 @@ def test_packed_versions_pass_their_tests_and_differ(tmp_path, version, json_ans
 
 
 def test_pack_and_test_reports_commit_and_result(tmp_path):
-    got = servicerepo.pack_and_test("hello", "v1", tmp_path)
+    got = pack_and_test("hello", "v1", tmp_path)
     assert got.ok, got.output
     assert got.commit == servicerepo.resolve("hello", "v1")
-    assert len(got.commit) == 40 and got.tarball.is_file() and (got.tree / "app.py").is_file()
+    assert len(got.commit) == 40 and got.tarball.is_file()
+    assert (servicerepo.unpack(got.tarball, tmp_path / "tree") / "app.py").is_file()
 
 
 def test_unknown_version_is_a_one_line_error(state, tmp_path):
@@ -341,9 +343,9 @@ def toy(tmp_path, monkeypatch):
 
 def test_run_tests_detects_a_version_whose_tests_fail(toy, tmp_path):
     svc, work = toy
-    good = servicerepo.pack_and_test(svc, "good", tmp_path / "g")
+    good = pack_and_test(svc, "good", tmp_path / "g")
     assert good.ok, good.output
-    broken = servicerepo.pack_and_test(svc, "broken", tmp_path / "b")
+    broken = pack_and_test(svc, "broken", tmp_path / "b")
     assert not broken.ok
     assert "FAILED (failures=1)" in broken.output and "'bad' != 'good'" in broken.output
     assert broken.commit == git("rev-parse", "broken", cwd=work)
@@ -366,7 +368,7 @@ def test_a_url_repo_is_mirrored_in_the_cache_and_fetched_again(toy, tmp_path, st
     (work / "marker").write_text("good\n")
     git("commit", "--quiet", "-am", "fixed", cwd=work)
     git("tag", "fixed", cwd=work)
-    tested = servicerepo.pack_and_test(svc, "fixed", tmp_path / "f")
+    tested = pack_and_test(svc, "fixed", tmp_path / "f")
     assert tested.ok, tested.output
     with pytest.raises(RepoError, match=rf"^version nope not found in {work.as_uri()}$"):
         servicerepo.resolve(svc, "nope")

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from fabfile.core import ssh
-from fabfile.core import templates
+from fabfile.core import ssh, templates
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, HostError
-from fabfile.hosts.inventory import HostEntry, Inventory
 from fabfile.core.http import http_request
+from fabfile.core.output import poll
 from fabfile.core.state import PROJECT_ROOT
+from fabfile.hosts.inventory import HostEntry, Inventory
 
 TEMPLATE = PROJECT_ROOT / "nginx" / "loadbalancer.conf"
 REMOTE_CONF = "/etc/nginx/conf.d/booted-lb.conf"
@@ -144,8 +144,10 @@ def loadbalancers(cfg: Config, env: Environment) -> list[HostEntry]:
 
 def push(cfg: Config, lb: HostEntry, text: str) -> None:
     with ssh.connect(lb.address, cfg) as conn:
+        # at least the deploy timeout: nginx's first start on a slow host (a VM under software
+        # emulation, on a loaded machine) took more than 30 s
         ssh.run_with_input(conn, ["sh", "-c", PUSH_SCRIPT, "lb-push", CLOSING_FLAG, f"{RELOAD_GRACE_S:g}"],
-                           text.encode(), sudo=True, timeout=60)
+                           text.encode(), sudo=True, timeout=max(60.0, float(cfg.deploy["timeout_s"])))
 
 
 def update(cfg: Config, env: Environment, port: int, drain: Iterable[str] = (),
@@ -181,13 +183,8 @@ def serving_config(env: Environment, lb: HostEntry) -> str | None:
 
 def wait_serving(env: Environment, lb: HostEntry, wanted: str, timeout: float = 10.0) -> None:
     """A reload only signals nginx; wait until its new workers answer with the new config."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if serving_config(env, lb) == wanted:
-            return
-        time.sleep(0.05)
+    if poll(lambda: serving_config(env, lb) == wanted, timeout=timeout):
+        return
     raise HostError(lb.image, f"load balancer did not switch to the new config within {timeout:g}s")
 
 

@@ -1,13 +1,18 @@
 """The one helper that runs local commands: argument lists only, never a shell string."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from fabfile.core.errors import CommandError
+from fabfile.core.errors import CommandError, WaitTimeout
+from fabfile.core.output import progress
 
 
 @dataclass
@@ -19,10 +24,16 @@ class CommandResult:
     stdout: str = ""
     stderr: str = ""
     extra: dict = field(default_factory=dict)
+    host: str = ""  # where it ran: "" for this machine, else the remote host (fabfile.core.ssh)
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    def failure(self, what: str) -> str:
+        """``WHAT failed (exit N): its last line of output``: how booted reports a failed command."""
+        detail = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return f"{what} failed (exit {self.returncode})" + (f": {detail[-1]}" if detail else "")
 
     @property
     def command(self) -> str:
@@ -63,12 +74,7 @@ def run(
         raise CommandError(f"timed out after {timeout:g}s: {' '.join(argv[:3])}") from None
     result = CommandResult(argv, proc.returncode, proc.stdout, proc.stderr)
     if check and not result.ok:
-        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise CommandError(
-            f"{' '.join(argv[:3])} failed (exit {result.returncode})"
-            + (f": {detail[-1]}" if detail else ""),
-            result,
-        )
+        raise CommandError(result.failure(" ".join(argv[:3])), result)
     return result
 
 
@@ -100,3 +106,33 @@ def process_alive(pid: int, name: bytes | None = None) -> bool:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+def run_logged(argv: Sequence[str], log: Path, *, timeout: float, what: str, report_every: float = 10.0) -> None:
+    """Run a long command with its output in ``log``: a progress line with its latest output line every
+    ``report_every`` seconds, killed at ``timeout``; one-line errors naming the log."""
+    def latest() -> str:
+        lines = log.read_text(errors="replace").strip().splitlines()
+        return lines[-1][:160] if lines else ""
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_environ(), process_group=0)
+        start = time.monotonic()
+        next_report = start + report_every
+        try:
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - start > timeout:
+                    raise WaitTimeout(f"{what} did not finish within {timeout:g}s (log: {log})")
+                if now >= next_report:
+                    progress(f"... {what} ({now - start:.0f}s): {latest() or 'starting'}")
+                    next_report = now + report_every
+                time.sleep(0.3)
+        except BaseException:  # the timeout, Ctrl-C or SIGTERM: end the command's whole process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    if proc.returncode != 0:
+        raise CommandError(f"{what} failed (exit {proc.returncode}): {latest() or 'no output'} (log: {log})")

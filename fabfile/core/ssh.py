@@ -15,9 +15,8 @@ import base64
 import os
 import shlex
 import socket
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import paramiko
 from fabric import Config as FabricConfig
@@ -25,6 +24,7 @@ from fabric import Connection
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError, HostError
+from fabfile.core.localcmd import CommandResult
 from fabfile.core.state import atomic_write, locked, state_path
 
 DEFAULT_USER = "booted"
@@ -139,19 +139,38 @@ def forget(address: str) -> int:
 
     Every line naming it goes: plain, ``[address]:port`` and hashed (``|1|...``) entries, for any key type.
     """
+    return _repin(address, None)
+
+
+def pin(address: str, public_key: str) -> None:
+    """Pin ``address``'s host key before first contact, replacing any pinned before.
+
+    ``public_key`` is an OpenSSH public key line; for hosts whose keys booted made itself, so the
+    very first connection is checked too.
+    """
+    kind, _, rest = public_key.strip().partition(" ")
+    try:
+        key = paramiko.PKey.from_type_string(kind, base64.b64decode(rest.split()[0], validate=True))
+    except (ValueError, IndexError, paramiko.SSHException) as err:
+        raise BootedError(f"{address}: not an SSH public key ({err})") from None
+    _repin(address, f"{address} {key.get_name()} {key.get_base64()}\n")
+
+
+def _repin(address: str, line: str | None) -> int:
+    """Drop ``address``'s pinned keys and add ``line`` (if any), atomically, under the lock."""
     path = known_hosts_path()
     with locked("known_hosts"):
-        if not path.exists():
+        if not path.exists() and line is None:
             return 0
         kept, dropped = [], 0
-        for line in path.read_text(errors="replace").splitlines(keepends=True):
-            fields = line.split()
-            if fields and not line.lstrip().startswith("#") and _names_host(fields[0], address):
+        for old in path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []:
+            fields = old.split()
+            if fields and not old.lstrip().startswith("#") and _names_host(fields[0], address):
                 dropped += 1
             else:
-                kept.append(line)
-        if dropped:
-            atomic_write(path, "".join(kept), mode=0o600)
+                kept.append(old if old.endswith("\n") else old + "\n")
+        if dropped or line:
+            atomic_write(path, "".join(kept) + (line or ""), mode=0o600)
         return dropped
 
 
@@ -221,19 +240,6 @@ def connect(host: str, config=None, user_name: str | None = None, timeout: float
     return BootedConnection(host, config, user_name, timeout, like)
 
 
-@dataclass
-class RemoteResult:
-    host: str
-    command: str
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-
 def quote(argv: Sequence[object]) -> str:
     return " ".join(shlex.quote(str(a)) for a in argv)
 
@@ -246,44 +252,48 @@ def run(
     check: bool = True,
     timeout: float | None = None,
     stdin: str | None = None,
-) -> RemoteResult:
+) -> CommandResult:
     """Run ``argv`` on ``conn``'s host, every item quoted; ``sudo`` runs it as root (non-interactive)."""
+    return run_raw(conn, command_line(conn, argv, sudo), check=check, timeout=timeout, stdin=stdin)
+
+
+def command_line(conn: Connection, argv: Sequence[object], sudo: bool) -> str:
+    """The quoted command for ``argv``, through ``sudo -n`` unless booted logs in as root."""
     command = quote(argv)
-    if sudo and conn.user != "root":
-        command = "sudo -n -- " + command
-    return run_raw(conn, command, check=check, timeout=timeout, stdin=stdin)
+    return f"sudo -n -- {command}" if sudo and conn.user != "root" else command
+
+
+def _checked(result: CommandResult, check: bool) -> CommandResult:
+    if check and not result.ok:
+        raise HostError(result.host, result.failure("command"), result)
+    return result
 
 
 def run_raw(conn: Connection, command: str, *, check: bool = True, timeout: float | None = None,
-            stdin: str | None = None) -> RemoteResult:
+            stdin: str | None = None) -> CommandResult:
     import io
 
-    kwargs = {"hide": True, "warn": True, "timeout": timeout}
-    kwargs["in_stream"] = io.StringIO(stdin) if stdin is not None else False
+    in_stream: io.StringIO | bool = io.StringIO(stdin) if stdin is not None else False
+    kwargs = {"hide": True, "warn": True, "timeout": timeout, "in_stream": in_stream}
     try:
         res = conn.run(command, **kwargs)
     except BootedError:
         raise
     except Exception as err:  # invoke CommandTimedOut, paramiko errors
         raise HostError(conn.host, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}") from None
-    result = RemoteResult(conn.host, command, res.exited, res.stdout, res.stderr)
-    if check and not result.ok:
-        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise HostError(conn.host, f"command failed (exit {result.returncode})" + (f": {detail[-1]}" if detail else ""), result)
-    return result
+    result = CommandResult([command], res.exited, res.stdout, res.stderr, host=conn.host)
+    return _checked(result, check)
 
 
 def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sudo: bool = False,
-                   check: bool = True, timeout: float = 120.0) -> RemoteResult:
+                   check: bool = True, timeout: float = 120.0) -> CommandResult:
     """Run ``argv`` with ``data`` on its stdin over one SSH channel (no SFTP round trips).
 
     Used to ship a release: the tarball streams straight into ``tar -x`` on the host.
     """
     import time as _time
 
-    command = quote(argv)
-    if sudo and conn.user != "root":
-        command = "sudo -n -- " + command
+    command = command_line(conn, argv, sudo)
     conn.open()
     try:
         chan = conn.client.get_transport().open_session(timeout=timeout)
@@ -312,10 +322,7 @@ def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sud
         chan.close()
     except BootedError:
         raise
-    except (paramiko.SSHException, OSError, socket.timeout) as err:
-        raise HostError(conn.host, f"SSH failed: {err}") from None
-    result = RemoteResult(conn.host, command, code, out.decode(errors="replace"), err.decode(errors="replace"))
-    if check and not result.ok:
-        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise HostError(conn.host, f"command failed (exit {result.returncode})" + (f": {detail[-1]}" if detail else ""), result)
-    return result
+    except (TimeoutError, paramiko.SSHException, OSError) as exc:
+        raise HostError(conn.host, f"SSH failed: {exc}") from None
+    result = CommandResult([command], code, out.decode(errors="replace"), err.decode(errors="replace"), host=conn.host)
+    return _checked(result, check)

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fabfile.hosts import callhome
-from fabfile.core import names
-from fabfile.hosts import endpoint as nginxctl
-from fabfile.hosts import reach
-from fabfile.core import ssh
-from fabfile.hosts.bootlog import BootedLog, ReadResult
+from fabfile.core import names, ssh
 from fabfile.core.errors import BootedError
 from fabfile.core.output import progress
+from fabfile.hosts import callhome, reach
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.hosts.bootlog import BootedLog, ReadResult
 from fabfile.hosts.inventory import HostEntry, Inventory, RecordSummary, mark_reachable
 from fabfile.providers import CloneRecord, get_provider
 

@@ -10,20 +10,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fabfile.flows import plans, rollout
-from fabfile.flows import discovery
 from fabfile.balancing import loadbalancer
-from fabfile.hosts import endpoint as nginxctl
-from fabfile.services import release
-from fabfile.services import manifest as services
 from fabfile.core import ssh
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, WaitTimeout
-from fabfile.core.http import http_request
 from fabfile.core.fanout import HostResult, fan_out, raise_if_failed
-from fabfile.hosts.inventory import Inventory
+from fabfile.core.http import http_request
 from fabfile.core.output import host_line, progress, say, wait_until
+from fabfile.flows import discovery, plans, rollout
+from fabfile.hosts import endpoint as nginxctl
+from fabfile.hosts.inventory import Inventory
 from fabfile.providers import Provider, get_provider
+from fabfile.services import manifest as services
+from fabfile.services import release
 
 
 @dataclass
@@ -223,38 +222,53 @@ def drain_wait(conn, svc: services.Service, image: str) -> None:
         progress(f"{image}: {left} connections still open {DRAIN_TIMEOUT_S}s after draining; going on")
 
 
+class _WorkerSteps:
+    """The real steps of a rolling change (``plans.roll`` drives them)."""
+
+    def __init__(self, cfg: Config, env: Environment, change, workers):
+        self.cfg, self.env, self.svc, self.workers = cfg, env, service_of(env), workers
+        self.by_image = {w.image: w for w in workers}
+        self._change = change
+
+    def drain(self, image: str) -> None:
+        loadbalancer.update(self.cfg, self.env, self.svc.port, drain={image}, workers=self.workers)
+
+    def change(self, image: str) -> str:
+        entry = self.by_image[image]
+        with ssh.connect(entry.address, self.cfg) as conn:
+            drain_wait(conn, self.svc, image)
+            return self._change(conn, entry)
+
+    def check(self, image: str) -> None:
+        address = self.by_image[image].address
+        release.check_service(address, self.svc, release.deployed_version(address, self.svc.name))
+
+    def restore(self) -> None:
+        loadbalancer.update(self.cfg, self.env, self.svc.port, workers=self.workers)
+
+
 def rolling(cfg: Config, env: Environment, change, images: list[str] | None = None) -> list[HostResult]:
     """Change a running, balanced environment one worker at a time: drain it (marked down, its
     in-flight requests finished), ``change(conn, entry)`` (returns a one-line detail and records
     the version it now serves), check it answers as that version (readiness), put it back.
 
     ``images`` limits it to some workers (the others keep serving throughout). A failure leaves
-    that worker drained, so users never reach it, and stops the rollout."""
-    svc = service_of(env)
+    that worker drained, so users never reach it, and stops the rollout (``plans.roll``)."""
     refresh_reachability(cfg, env)
     workers = loadbalancer.healthy_workers(cfg, env)
+    order = [w.image for w in workers if images is None or w.image in images]
+    started = time.monotonic()
     results: list[HostResult] = []
-    for entry in workers:
-        if images is not None and entry.image not in images:
-            continue
-        start = time.monotonic()
-        try:
-            loadbalancer.update(cfg, env, svc.port, drain={entry.image}, workers=workers)
-            with ssh.connect(entry.address, cfg) as conn:
-                drain_wait(conn, svc, entry.image)
-                detail = change(conn, entry)
-            release.check_service(entry.address, svc, release.deployed_version(entry.address, svc.name))
-            loadbalancer.update(cfg, env, svc.port, workers=workers)
-            result = HostResult(entry.image, True, detail)
-        except BootedError as err:
-            result = HostResult(entry.image, False, f"{err} (left drained; rollout stopped)")
-            result.seconds = time.monotonic() - start
-            say(host_line(entry.image, False, result.detail))
-            results.append(result)
-            break
-        result.seconds = time.monotonic() - start
-        say(host_line(entry.image, True, f"{detail} (drained, switched, back in)"))
+
+    def report(image: str, ok: bool, detail: str) -> None:
+        nonlocal started
+        result = HostResult(image, ok, detail)
+        result.seconds = time.monotonic() - started
+        started = time.monotonic()
+        say(host_line(image, ok, detail))
         results.append(result)
+
+    plans.roll(order, _WorkerSteps(cfg, env, change, workers), report)
     return results
 
 

@@ -23,20 +23,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import http.client
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from fabfile.balancing import loadbalancer
 from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError
+from fabfile.core.http import Probe, probe_once
 from fabfile.core.state import atomic_write_json, locked, state_path
 from fabfile.flows import environment
 from fabfile.hosts.inventory import Inventory
@@ -66,46 +65,6 @@ class StepAbandoned(BaseException):
 
 
 # --------------------------------------------------------------------------- probing
-@dataclass(frozen=True)
-class Probe:
-    """One request: did it reach the server, did it succeed, how long did it take."""
-
-    reached: bool  # the TCP connection was made
-    ok: bool  # a 2xx/3xx answer, read completely
-    ms: float
-    detail: str  # the status code, or what went wrong
-
-
-def probe_once(address: str, port: int, path: str = "/", timeout: float = 3.0) -> Probe:
-    """GET ``path`` on a fresh connection (a reused one could hit a keep-alive reset on reload)."""
-    start = time.monotonic()
-    conn = http.client.HTTPConnection(address, port, timeout=timeout)
-    try:
-        try:
-            conn.connect()
-        except OSError as err:
-            return Probe(False, False, _ms_since(start), f"connect: {_why(err)}")
-        try:
-            conn.request("GET", path, headers={"Connection": "close", "User-Agent": "booted-monitor"})
-            resp = conn.getresponse()
-            resp.read()
-        except (OSError, http.client.HTTPException) as err:
-            return Probe(True, False, _ms_since(start), _why(err))
-        return Probe(True, 200 <= resp.status < 400, _ms_since(start), str(resp.status))
-    finally:
-        conn.close()
-
-
-def _ms_since(start: float) -> float:
-    return (time.monotonic() - start) * 1000.0
-
-
-def _why(err: BaseException) -> str:
-    if isinstance(err, TimeoutError):
-        return "timed out"
-    return getattr(err, "strerror", None) or str(err) or type(err).__name__
-
-
 def measure(targets: Sequence[tuple[str, int]], probes: int, timeout: float,
             should_stop: Callable[[], bool] = lambda: False) -> tuple[Sample | None, str]:
     """``probes`` requests spread over ``targets`` (the load balancers), one after another.

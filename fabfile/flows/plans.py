@@ -5,9 +5,11 @@ workers answer), asks these functions what to do, and does it. Tests drive them 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from fabfile.core.errors import BootedError
 from fabfile.hosts.inventory import HostEntry
 from fabfile.providers.base import Machine
 
@@ -71,3 +73,38 @@ def converge_mode(stale: list[str], loadbalancer_live: bool) -> str:
         return NOTHING
     return ROLLING if loadbalancer_live else PARALLEL
 
+
+class RollingSteps(Protocol):
+    """What a rolling change does to one worker; ``roll`` decides the order and when to stop."""
+
+    def drain(self, image: str) -> None:
+        """Take the worker out of the load balancers."""
+
+    def change(self, image: str) -> str:
+        """Wait for its in-flight requests, switch it (deploy or rollback); a one-line detail."""
+
+    def check(self, image: str) -> None:
+        """Readiness: it answers as what it now runs."""
+
+    def restore(self) -> None:
+        """Every worker back in the load balancers."""
+
+
+def roll(workers: list[str], steps: RollingSteps,
+         report: Callable[[str, bool, str], None] = lambda image, ok, detail: None) -> list[tuple[str, bool, str]]:
+    """Change ``workers`` one at a time: drain, change, check, put back. The first failure leaves that
+    worker drained (users never reach a broken one) and stops the rollout; ``report`` hears each worker."""
+    results = []
+    for image in workers:
+        try:
+            steps.drain(image)
+            detail = steps.change(image)
+            steps.check(image)
+            steps.restore()
+        except BootedError as err:
+            results.append((image, False, f"{err} (left drained; rollout stopped)"))
+            report(*results[-1])
+            break
+        results.append((image, True, f"{detail} (drained, switched, back in)"))
+        report(*results[-1])
+    return results

@@ -28,16 +28,15 @@ import re
 import stat
 import urllib.parse
 from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable, Iterator
 
-from fabfile.hosts import callhome
-from fabfile.core import localcmd
-from fabfile.core import names
+from fabfile.core import localcmd, names
 from fabfile.core.config import Config
 from fabfile.core.errors import BootedError, UsageError
 from fabfile.core.state import atomic_write_json, locked, read_json, state_path
+from fabfile.hosts import callhome
 
 MAX_LINE = 4096  # bytes, without the newline; a real call home is about 250
 CLOCK_WINDOW_S = 900  # a host's clock may be this far from nginx's, either way
@@ -397,9 +396,9 @@ def _line_batches(fh, start: int) -> Iterator[tuple[list[bytes | None], int]]:
                     overlong, pending = True, b""
             position += len(chunk)
             continue
-        parts: list[bytes | None] = list(chunk[:last].split(b"\n"))
-        head = None if overlong else pending + parts[0]
-        parts[0] = head if head is not None and len(head) <= MAX_LINE else None
+        split = chunk[:last].split(b"\n")
+        head = None if overlong else pending + split[0]
+        parts: list[bytes | None] = [head if head is not None and len(head) <= MAX_LINE else None, *split[1:]]
         lines = [p if p is None or len(p) <= MAX_LINE else None for p in parts]
         tail = chunk[last + 1:]
         overlong = len(tail) > MAX_LINE

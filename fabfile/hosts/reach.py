@@ -11,7 +11,7 @@ import ipaddress
 import selectors
 import socket
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 BATCH = 256  # sockets open at once; stays well under the usual 1024 open-files limit
 
@@ -48,14 +48,14 @@ def _probe_batch(addresses: list[str], port: int, timeout: float) -> dict[str, b
                 if remaining <= 0:
                     break
                 for key, _ in selector.select(remaining):
-                    sock = key.fileobj
-                    results[key.data] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-                    selector.unregister(sock)
-                    sock.close()
+                    done: socket.socket = key.fileobj  # type: ignore[assignment]  # only sockets are registered
+                    results[key.data] = done.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                    selector.unregister(done)
+                    done.close()
         finally:
             for key in list(selector.get_map().values()):
                 selector.unregister(key.fileobj)
-                key.fileobj.close()
+                key.fileobj.close()  # type: ignore[union-attr]  # only sockets are registered
     return results
 
 

@@ -17,7 +17,7 @@ from fabfile.providers.base import RUNNING, STOPPED, CloneRecord, Machine, Provi
 if TYPE_CHECKING:
     from fabfile.core.config import Config
 
-NAMES = ("virtualbox", "local")
+NAMES = ("virtualbox", "local", "libvirt")
 
 __all__ = ["CloneRecord", "Machine", "Provider", "RUNNING", "STOPPED", "NAMES", "get_provider", "load_config", "settings_specs"]
 

@@ -13,7 +13,6 @@ The scripts are fixed text; every value reaches them as a quoted positional argu
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +186,7 @@ def prepare(service: services.Service, version: str) -> Release:
         gate = folder / f"{commit}.tested"
         if not gate.exists():
             progress(f"{service.name} {version}: running its tests on the packed release")
-            with tempfile.TemporaryDirectory(prefix="booted-gate-") as tmp:
-                ok, output = servicerepo.run_tests(service, servicerepo.unpack(tarball, tmp))
+            ok, output = servicerepo.test_packed(service, tarball)
             if not ok:
                 last = [line for line in output.strip().splitlines() if line.strip()][-3:]
                 raise BootedError(

@@ -12,7 +12,7 @@ reverse to get the one before (history/ itself is not part of any version). Auth
 The repo is rebuilt (atomically) when the folder changes.
 
 The deploy gate: ``pack`` a version, ``unpack`` it, ``run_tests`` on the unpacked tree
-(``pack_and_test`` does all three).
+(``test_packed`` unpacks and tests a packed release).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -50,19 +49,6 @@ ACCEPT_NEW_HOSTKEY_ENV = "BOOTED_GIT_ACCEPT_NEW_HOSTKEY"
 
 class RepoError(BootedError):
     """A service repository or version problem; the message is one line."""
-
-
-@dataclass(frozen=True)
-class TestedRelease:
-    """What the deploy gate found for one version."""
-
-    service: str
-    version: str
-    commit: str
-    tarball: Path
-    tree: Path
-    ok: bool
-    output: str
 
 
 def _service(service: Service | str) -> Service:
@@ -409,14 +395,8 @@ def run_tests(service: Service | str, tree_dir: str | os.PathLike) -> tuple[bool
     return result.ok, result.output.strip()
 
 
-def pack_and_test(service: Service | str, version: str, workdir: str | os.PathLike) -> TestedRelease:
-    """The deploy gate for one version: pack it, unpack it, run its tests there."""
-    service = _service(service)
-    work = Path(workdir)
-    tarball, commit = _pack(service, version, work / f"{service.name}-{version.replace('/', '_')}.tar.gz")
-    tree = work / "tree"
-    if tree.exists():
-        shutil.rmtree(tree)
-    unpack(tarball, tree)
-    ok, output = run_tests(service, tree)
-    return TestedRelease(service.name, version, commit, tarball, tree, ok, output)
+def test_packed(service: Service | str, tarball: str | os.PathLike) -> tuple[bool, str]:
+    """The deploy gate on a packed release: unpack it into a private temporary folder and run the
+    service's tests there (``run_tests``): (passed, output)."""
+    with tempfile.TemporaryDirectory(prefix="booted-gate-") as tmp:
+        return run_tests(service, unpack(tarball, tmp))

@@ -231,7 +231,7 @@ class LocalProvider(Provider):
                 argv.append(mirror)
             progress(f"local: building the base image ({self.suite}) with debootstrap; this takes about a minute")
             try:
-                self._run_with_progress(argv, timeout=1200, what="debootstrap")
+                localcmd.run_logged(argv, state_path("local", "debootstrap.log"), timeout=1200, what="debootstrap")
                 localcmd.run(["chroot", str(build), "/bin/sh", "-c", BASE_CUSTOMIZE], timeout=120)
                 atomic_write(build / "etc" / "booted-image.json", self.image_marker())
             except BaseException:
@@ -244,30 +244,6 @@ class LocalProvider(Provider):
             shutil.rmtree(old, ignore_errors=True)
             progress(f"local: base image ready at {root}")
             return root
-
-    @staticmethod
-    def _run_with_progress(argv: list[str], timeout: float, what: str) -> None:
-        """Run a long command, printing its latest line every 10 s, killing it at ``timeout``."""
-        log = state_path("local", f"{what}.log")
-        with open(log, "w") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=localcmd.child_environ())
-            start = time.monotonic()
-            next_report = start + 10
-            while proc.poll() is None:
-                now = time.monotonic()
-                if now - start > timeout:
-                    proc.kill()
-                    proc.wait()
-                    raise WaitTimeout(f"{what} did not finish within {timeout:g}s (log: {log})")
-                if now >= next_report:
-                    lines = log.read_text(errors="replace").strip().splitlines()
-                    progress(f"... {what} ({now - start:.0f}s): {lines[-1][:100] if lines else 'starting'}")
-                    next_report = now + 10
-                time.sleep(0.5)
-        if proc.returncode != 0:
-            lines = log.read_text(errors="replace").strip().splitlines()
-            raise ProviderError(f"{what} failed (exit {proc.returncode}): {lines[-1] if lines else ''} (log: {log})")
 
     # ------------------------------------------------------------------ host records
     @property

@@ -26,9 +26,11 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fabfile.core import localcmd, names, ssh, state
 from fabfile.core.errors import BootedError, CommandError, UsageError
+from fabfile.core.http import http_fetch
 from fabfile.core.output import progress
 from fabfile.hosts import callhome
 from fabfile.hosts.endpoint import kickstart_dir, share_with_workers
@@ -154,21 +156,17 @@ def check_kickstart_served(config, image: str, timeout: float = 5.0) -> str:
     the VM uses is asked at 127.0.0.1 on the same port and path. Returns that URL; raises a one-line
     BootedError saying what answered instead.
     """
-    import urllib.error
-    import urllib.request
-
     url = kickstart_url(config, image)
     local = url.replace(f"http://{NAT_HOST}:", "http://127.0.0.1:", 1)
+    parts = urlsplit(local)
     try:
-        with urllib.request.urlopen(local, timeout=timeout) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as err:
-        raise BootedError(f"booted's nginx answers {local} with HTTP {err.code}, not the kickstart; "
-                          "run `fab restart-nginx`") from None
-    except OSError as err:
-        reason = getattr(err, "reason", err)
+        status, body = http_fetch("127.0.0.1", parts.port or 80, "GET", parts.path, timeout=timeout)
+    except OSError as reason:
         raise BootedError(f"nothing serves the kickstart at {local} ({reason}); the installer would stop there: "
                           "start booted's nginx (fab restart-nginx)") from None
+    if status != 200:
+        raise BootedError(f"booted's nginx answers {local} with HTTP {status}, not the kickstart; "
+                          "run `fab restart-nginx`")
     if hashlib.sha256(body).digest() != hashlib.sha256(kickstart_path(image).read_bytes()).digest():
         raise BootedError(f"{local} answers with another file than {kickstart_path(image)}: is another "
                           "booted's nginx on this port? (fab restart-nginx says who holds it)")

@@ -1,0 +1,238 @@
+"""libvirt domain and volume XML: rendered from a plan, parsed back into what booted needs.
+
+Pure functions (no connection): the XML is built with ElementTree, so every value is escaped for
+XML, and every value that reaches it was validated first (image names, addresses, MACs, paths).
+Element and attribute names follow libvirt's "Domain XML format" and "Storage volume XML format"
+manuals (libvirt.org/formatdomain.html, libvirt.org/formatstorage.html).
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+# booted's own element in a domain's <metadata>: the domain is the record of the host.
+NAMESPACE = "urn:booted:libvirt:host:1"
+METADATA_KEY = "booted"
+ET.register_namespace(METADATA_KEY, NAMESPACE)
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """What booted keeps about one VM, inside its domain's metadata."""
+
+    image: str
+    owner: str  # a tag of the state dir that made it: one controller's VMs never mix with another's
+    address: str
+    mac: str
+    env: str = ""
+    seed_id: str = ""
+
+    def to_xml(self) -> str:
+        el = ET.Element("host", {k: v for k, v in self.__dict__.items()})
+        return ET.tostring(el, encoding="unicode")
+
+    @classmethod
+    def from_xml(cls, text: str) -> "HostRecord | None":
+        try:
+            el = ET.fromstring(text)
+        except ET.ParseError:
+            return None
+        try:
+            return cls(**{k: el.attrib.get(k, "") for k in cls.__dataclass_fields__})
+        except TypeError:
+            return None
+
+
+@dataclass(frozen=True)
+class DomainPlan:
+    """Everything a booted VM's domain XML says, decided before any XML is written."""
+
+    name: str
+    domain_type: str  # "kvm", "qemu" (TCG) or whatever the connection offers ("test")
+    memory_mb: int
+    cpus: int
+    kernel: str
+    initrd: str
+    disk: str  # the VM's own qcow2 overlay
+    seed: str  # the small read-only disk with the VM's identity
+    bridge: str
+    mac: str
+    console_log: str
+    record: HostRecord
+    tcg_cache_mb: int = 64
+    uuid: str = ""  # set when redefining an existing domain (libvirt matches it by name and uuid)
+    cmdline: str = "root=/dev/vda rw console=ttyS0 quiet"
+    extra: dict = field(default_factory=dict)
+
+
+def check_mac(mac: str) -> str:
+    if not _MAC.fullmatch(mac):
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return mac
+
+
+def render_domain(plan: DomainPlan) -> str:
+    check_mac(plan.mac)
+    dom = ET.Element("domain", {"type": plan.domain_type})
+    ET.SubElement(dom, "name").text = plan.name
+    if plan.uuid:
+        ET.SubElement(dom, "uuid").text = plan.uuid
+    meta = ET.SubElement(dom, "metadata")
+    host = ET.fromstring(plan.record.to_xml())
+    host.tag = f"{{{NAMESPACE}}}host"
+    meta.append(host)
+    ET.SubElement(dom, "memory", {"unit": "MiB"}).text = str(plan.memory_mb)
+    ET.SubElement(dom, "vcpu").text = str(plan.cpus)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", {"arch": "x86_64"}).text = "hvm"
+    # Direct kernel boot: no bootloader, no firmware menu; the kernel comes with the base image.
+    ET.SubElement(os_el, "kernel").text = plan.kernel
+    ET.SubElement(os_el, "initrd").text = plan.initrd
+    ET.SubElement(os_el, "cmdline").text = plan.cmdline
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")  # image-stop's clean shutdown is an ACPI power-button press
+    if plan.domain_type == "qemu":
+        # TCG's translation cache defaults to 1 GiB per VM; 64 MiB keeps a VM near 350 MB.
+        tcg = ET.SubElement(features, "tcg")
+        ET.SubElement(tcg, "tb-cache", {"unit": "MiB"}).text = str(plan.tcg_cache_mb)
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    for target, path, fmt, readonly in (("vda", plan.disk, "qcow2", False), ("vdb", plan.seed, "raw", True)):
+        disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
+        ET.SubElement(disk, "driver", {"name": "qemu", "type": fmt})
+        ET.SubElement(disk, "source", {"file": path})
+        ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
+        if readonly:
+            ET.SubElement(disk, "readonly")
+    # No USB controller and no balloon: libvirt adds both by default, and each is a driver to load
+    # and a device to emulate for nothing.
+    ET.SubElement(devices, "controller", {"type": "usb", "model": "none"})
+    ET.SubElement(devices, "memballoon", {"model": "none"})
+    nic = ET.SubElement(devices, "interface", {"type": "bridge"})
+    ET.SubElement(nic, "source", {"bridge": plan.bridge})
+    ET.SubElement(nic, "mac", {"address": plan.mac})
+    ET.SubElement(nic, "model", {"type": "virtio"})
+    # The serial console goes to a log file written by virtlogd (kept after the VM stops).
+    serial = ET.SubElement(devices, "serial", {"type": "pty"})
+    ET.SubElement(serial, "log", {"file": plan.console_log, "append": "off"})
+    ET.SubElement(serial, "target", {"port": "0"})
+    return ET.tostring(dom, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    """What booted reads back from a defined domain's XML."""
+
+    macs: list[str]
+    disks: list[str]
+    taps: list[str]
+    console_log: str
+    memory_kib: int
+    cpus: int
+    domain_type: str
+    record: HostRecord | None
+
+
+def parse_domain(text: str) -> DomainFacts:
+    dom = ET.fromstring(text)
+    macs = [m.get("address", "").lower() for m in dom.findall("./devices/interface/mac")]
+    taps = [t.get("dev", "") for t in dom.findall("./devices/interface/target") if t.get("dev")]
+    disks = [s.get("file", "") for s in dom.findall("./devices/disk/source") if s.get("file")]
+    console = dom.find("./devices/serial/log")
+    record_el = dom.find(f"./metadata/{{{NAMESPACE}}}host")
+    record = None
+    if record_el is not None:
+        record_el.tag = "host"
+        record = HostRecord.from_xml(ET.tostring(record_el, encoding="unicode"))
+    memory = dom.find("./memory")
+    mem_kib = int(memory.text or 0) if memory is not None else 0
+    if memory is not None and memory.get("unit", "KiB") in ("MiB", "M"):
+        mem_kib *= 1024
+    vcpu = dom.find("./vcpu")
+    return DomainFacts(macs, disks, taps, console.get("file", "") if console is not None else "", mem_kib,
+                       int(vcpu.text) if vcpu is not None and vcpu.text else 1, dom.get("type", ""), record)
+
+
+def render_overlay_volume(name: str, capacity_bytes: int, backing_path: str) -> str:
+    """A qcow2 volume whose backing file is the base image (copy-on-write, a few MB per VM)."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", {"unit": "bytes"}).text = str(capacity_bytes)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", {"type": "qcow2"})
+    ET.SubElement(target, "permissions").append(_text("mode", "0600"))
+    backing = ET.SubElement(vol, "backingStore")
+    ET.SubElement(backing, "path").text = backing_path
+    ET.SubElement(backing, "format", {"type": "qcow2"})
+    return ET.tostring(vol, encoding="unicode")
+
+
+def render_raw_volume(name: str, capacity_bytes: int) -> str:
+    """A plain file volume, sparse until written (an upload fills it)."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", {"unit": "bytes"}).text = str(capacity_bytes)
+    ET.SubElement(vol, "allocation", {"unit": "bytes"}).text = "0"
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", {"type": "raw"})
+    ET.SubElement(target, "permissions").append(_text("mode", "0600"))
+    return ET.tostring(vol, encoding="unicode")
+
+
+def render_dir_pool(name: str, path: str) -> str:
+    pool = ET.Element("pool", {"type": "dir"})
+    ET.SubElement(pool, "name").text = name
+    target = ET.SubElement(pool, "target")
+    ET.SubElement(target, "path").text = path
+    return ET.tostring(pool, encoding="unicode")
+
+
+def _text(tag: str, text: str) -> ET.Element:
+    el = ET.Element(tag)
+    el.text = text
+    return el
+
+
+def offered_domain_types(capabilities: str) -> list[str]:
+    """Domain types the connection offers for x86_64 guests, from its capabilities XML."""
+    caps = ET.fromstring(capabilities)
+    types: list[str] = []
+    for guest in caps.findall("./guest"):
+        arch = guest.find("./arch")
+        if arch is None or arch.get("name") not in ("x86_64", "i686"):
+            continue
+        for dom in arch.findall("./domain"):
+            kind = dom.get("type", "")
+            if kind and kind not in types:
+                types.append(kind)
+    return types
+
+
+def host_has_hw_virt(capabilities: str) -> bool:
+    """True if the hypervisor's CPU has hardware virtualisation (vmx/svm): KVM can run guests at speed.
+
+    A /dev/kvm alone proves nothing: a PVM host offers one that only runs kernels built for it.
+    """
+    caps = ET.fromstring(capabilities)
+    return any(f.get("name") in ("vmx", "svm") for f in caps.findall("./host/cpu/feature"))
+
+
+def choose_domain_type(setting: str, capabilities: str) -> str:
+    """The domain type to define: the configured one, or for ``auto`` kvm where it really runs guests."""
+    offered = offered_domain_types(capabilities)
+    if setting != "auto":
+        if setting not in offered:
+            raise ValueError(f"domain_type {setting!r} is not offered by this hypervisor (offers: {', '.join(offered) or 'none'})")
+        return setting
+    if "kvm" in offered and host_has_hw_virt(capabilities):
+        return "kvm"
+    if "qemu" in offered:
+        return "qemu"
+    if offered:
+        return offered[0]
+    raise ValueError("this hypervisor offers no x86_64 domain type")
