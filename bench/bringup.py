@@ -322,7 +322,9 @@ def run_size(bl: BringupLab, n: int, rounds: int, rng, samples: list,
     def booted(rnd: int) -> None:
         bl.reset_env(n)
         seconds, proc = bl.fab("env-start-all", "--env", env_name(n))
-        ok, note = (proc.returncode == 0, f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        said = (proc.stdout + proc.stderr).splitlines()
+        failures = [line.strip() for line in said if "fail" in line.lower() or line.startswith("error")]
+        ok, note = (proc.returncode == 0, f"exit {proc.returncode}: {' | '.join(failures[:4]) or said[-1:]}")
         if ok:
             ok, note = bl.check_serving(n)
         record(f"booted@{n}", rnd, sbs.Outcome(seconds, ok, note))
