@@ -33,7 +33,7 @@ from fabfile.core.output import progress, wait_until
 from fabfile.core.state import locked, state_dir
 from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
-from fabfile.providers.libvirt import domainxml, image
+from fabfile.providers.libvirt import domainxml, hypervisor, image
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
 from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
 from fabfile.providers.libvirt.placement import DEFAULT_HYPERVISOR, hypervisors_from_settings
@@ -83,6 +83,13 @@ class LibvirtProvider(Provider):
 
     def hypervisor(self, name: str = DEFAULT_HYPERVISOR) -> Hypervisor:
         return self.hypervisors[name]
+
+    def installed(self) -> bool:
+        """Without the bindings, or with no libvirtd answering for a local hypervisor, booted runs no VM
+        here (so env-stop of the last other environment may stop booted's nginx)."""
+        if hypervisor.libvirt is None:
+            return False
+        return any(not hv.local or hypervisor.SOCKET.exists() for hv in self.hypervisors.values())
 
     def booted_address(self) -> str:
         """Where VMs reach booted's nginx: this machine's address on the bridge (the subnet's gateway)."""
