@@ -99,7 +99,8 @@ def holders(cfg: config_mod.Config, image: str) -> tuple[list[str], list[str]]:
     held, unasked = [], []
     for name in providers.NAMES:
         try:
-            if provider_for(cfg, name).get(image) is not None:
+            prov = provider_for(cfg, name)
+            if prov.installed() and prov.get(image) is not None:  # one not installed here holds nothing
                 held.append(name)
         except BootedError as err:
             unasked.append(f"{name}: {err}")
