@@ -31,7 +31,7 @@ def image_clone(c, image=None, name=None, provider=None):
 
 @task(help={"provider": "list only this provider's images"})
 def image_list(c, provider=None):
-    """List images: provider, environment, state, MACs and addresses."""
+    """List images: provider, the hypervisor running each (libvirt), environment, state, MACs and addresses."""
     cfg = load_config()
     wanted = [provider] if provider else sorted({e.provider for e in cfg.environments.values()})
     rows, failures = [], []
@@ -43,9 +43,9 @@ def image_list(c, provider=None):
             continue
         for m in sorted(machines, key=lambda m: m.name):
             env = cfg.image_env(m.name)
-            rows.append([m.name, m.provider, env.name if env else "-", m.state,
+            rows.append([m.name, m.provider, m.detail.get("hypervisor") or "-", env.name if env else "-", m.state,
                          ",".join(m.macs) or "-", ",".join(m.addresses) or "-"])
-    say(table(["image", "provider", "env", "state", "macs", "addresses"], rows, empty="no images"))
+    say(table(["image", "provider", "hypervisor", "env", "state", "macs", "addresses"], rows, empty="no images"))
     if failures:
         raise ProviderError("; ".join(failures))
 
