@@ -42,6 +42,9 @@ PIDFILES = {"virtlogd": Path("/run/virtlogd.pid"), "libvirtd": Path("/run/libvir
 KEEPALIVE_INTERVAL_S = 2
 KEEPALIVE_COUNT = 2
 CONNECT_TIMEOUT_S = 15.0
+# After a failed open, calls in this process fail at once for this long instead of each waiting for
+# ssh again (one listing touches a hypervisor several times).
+RETRY_OPEN_AFTER_S = 10.0
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
@@ -87,6 +90,7 @@ class Hypervisor:
         self.name, self.uri = name, uri
         self.connect_timeout = connect_timeout
         self._conn = None
+        self._failed: tuple[float, HypervisorUnreachable] | None = None
 
     @property
     def local(self) -> bool:
@@ -107,7 +111,14 @@ class Hypervisor:
             if not alive:  # closed by a keepalive timeout: the next call opens a new one
                 self.close()
         if self._conn is None:
-            self._conn = self._open(lv)
+            if self._failed and time.monotonic() - self._failed[0] < RETRY_OPEN_AFTER_S:
+                raise self._failed[1]
+            try:
+                self._conn = self._open(lv)
+            except HypervisorUnreachable as err:
+                self._failed = (time.monotonic(), err)
+                raise
+            self._failed = None
             if self.local and kvm_device_needs_udev_mode():
                 progress("libvirt: /dev/kvm is root-only, so libvirt re-probes QEMU on every call (slow); "
                          "fix: chgrp kvm /dev/kvm; chmod 0660 /dev/kvm")
