@@ -162,6 +162,30 @@ class Greetings(ServerCase):
             self.assertEqual(resp.status, 200)
             self.assertNotEqual(resp.read(), b"")
 
+    def test_each_response_leaves_in_one_write(self):
+        """A worker killed between two writes leaves the load balancer holding headers without a
+        body, and the client's connection is cut; one write per response leaves nothing half sent."""
+        port = self.running.server.port
+        writes: list[bytes] = []
+        real_send, real_sendall = socket.socket.send, socket.socket.sendall
+
+        def recording(real):
+            def write(sock, data, *args):
+                if sock.getsockname()[1] == port:   # the server's side of the connection
+                    writes.append(bytes(data))
+                return real(sock, data, *args)
+            return write
+
+        with mock.patch.object(socket.socket, "send", recording(real_send)), \
+                mock.patch.object(socket.socket, "sendall", recording(real_sendall)):
+            for method, path, body in (("GET", "/", None), ("POST", "/Ann", None), ("GET", "/nowhere", None)):
+                writes.clear()
+                status, text, _ = self.request(method, path, body=body)
+                self.assertEqual(len(writes), 1, (method, path, writes))
+                head, _, sent_body = writes[0].partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), writes[0])
+                self.assertEqual(sent_body.decode(), text)
+
 
 class VersionSetting(unittest.TestCase):
     def test_env_wins_then_file_then_unknown(self):
