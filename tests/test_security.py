@@ -294,6 +294,30 @@ def test_the_test_time_limit_kills_the_whole_process_group(spy_service, tmp_path
     assert set(_processes("300") + _processes("301")) <= before
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
+def test_two_gates_at_once_both_run_to_the_end(tmp_path):
+    """The sandbox account is the machine's and a gate ends by killing the account's processes: two
+    booteds gating at once (each with its own state dir) must not kill each other's tests."""
+    import threading
+
+    from fabfile.services import sandbox
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    results: dict[int, sandbox.SandboxResult] = {}
+
+    def gate(n: int, seconds: str) -> None:
+        results[n] = sandbox.run(["sh", "-c", f"sleep {seconds}; echo gate {n} done"], tree, timeout=30)
+
+    threads = [threading.Thread(target=gate, args=(n, s)) for n, s in ((1, "0.2"), (2, "1.5"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert {n: (r.returncode, r.output.strip()) for n, r in results.items()} == \
+        {1: (0, "gate 1 done"), 2: (0, "gate 2 done")}
+
+
 # --------------------------------------------------------------------------- 13: repository credentials
 def test_repo_credentials_never_reach_an_argv_or_the_cached_config(tmp_path, monkeypatch, world):
     """Finding 13: a password in HELLO_REPO reaches git only through a credential helper's environment."""
