@@ -144,11 +144,16 @@ def base_files(cache: Path, digest: str) -> BaseImage:
     return BaseImage(digest, cache / f"{stem}.qcow2", cache / f"{stem}.vmlinuz", cache / f"{stem}.initrd")
 
 
+# The longest a base build may take: its steps' own limits (copy, customise, mkfs, convert) added up.
+BUILD_TIMEOUT_S = 600 + 900 + 900 + 600
+
+
 def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, provision_script: str) -> BaseImage:
     """Build the VM base image from the local provider's root file system unless it is cached."""
     base = base_files(cache, base_digest(rootfs_marker, disk_mb))
     cache.mkdir(parents=True, exist_ok=True)
-    with locked("libvirt-base-image"):
+    # parallel builds of one environment wait here while one of them builds it (minutes, loaded)
+    with locked("libvirt-base-image", timeout=BUILD_TIMEOUT_S):
         if all(p.exists() for p in base.names.values()):
             return base
         for tool in ("mkfs.ext4", "qemu-img", "systemd-nspawn"):
