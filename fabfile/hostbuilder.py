@@ -32,7 +32,7 @@ def image_clone(c, image=None, name=None, provider=None):
 
 @task(help={"provider": "list only this provider's images"})
 def image_list(c, provider=None):
-    """List images: provider, the hypervisor running each (libvirt), environment, state, MACs and addresses."""
+    """List images: provider, environment, state, MACs, addresses and the hypervisor running each (libvirt)."""
     cfg = load_config()
     wanted = [provider] if provider else sorted({e.provider for e in cfg.environments.values()})
     rows, failures, unreachable = [], [], []
@@ -46,9 +46,9 @@ def image_list(c, provider=None):
             if m.state == UNREACHABLE and m.detail.get("unreachable") not in unreachable:
                 unreachable.append(m.detail.get("unreachable") or f"{m.name}: its machine does not answer")
             env = cfg.image_env(m.name)
-            rows.append([m.name, m.provider, m.detail.get("hypervisor") or "-", env.name if env else "-", m.state,
-                         ",".join(m.macs) or "-", ",".join(m.addresses) or "-"])
-    say(table(["image", "provider", "hypervisor", "env", "state", "macs", "addresses"], rows, empty="no images"))
+            rows.append([m.name, m.provider, env.name if env else "-", m.state, ",".join(m.macs) or "-",
+                         ",".join(m.addresses) or "-", m.detail.get("hypervisor") or "-"])
+    say(table(["image", "provider", "env", "state", "macs", "addresses", "hypervisor"], rows, empty="no images"))
     if failures:
         raise ProviderError("; ".join(failures))
     if unreachable:  # listed from booted's records; the machine holding them did not answer

@@ -88,8 +88,8 @@ class MultiLab(Lab):
         out = {}
         for line in listed[1:]:
             cols = line.split()
-            if len(cols) >= 5:
-                out[cols[0]] = (cols[2], cols[4])
+            if len(cols) >= 7:  # image provider env state macs addresses hypervisor
+                out[cols[0]] = (cols[6], cols[3])
         return out
 
 

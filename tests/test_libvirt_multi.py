@@ -67,7 +67,8 @@ def make_world(tmp_path, monkeypatch, extra: str = ""):
     prov.env = cfg.env("vms")
     yield prov
     for hv in prov.hypervisors.values():  # test:///default lives as long as this process
-        hv._open = Hypervisor._open.__get__(hv)
+        if "_open" in vars(hv):
+            power_back(prov, hv.name)
         for dom in hv.conn.listAllDomains(0):
             if dom.isActive():
                 dom.destroy()
@@ -94,6 +95,7 @@ def power_cut(prov, name: str) -> None:
 def power_back(prov, name: str) -> None:
     hv = prov.hypervisor(name)
     hv._conn = hv._saved_conn
+    hv._failed = None
     del hv._open
 
 
@@ -202,6 +204,27 @@ def test_a_lost_hypervisor_shows_its_vms_unreachable_and_they_are_rebuilt_on_a_s
     assert where(world) == {"vm-lb": "hv1", "vm-w1": "hv1", "vm-w2": "hv1"}
 
 
+def test_image_list_shows_the_hypervisor_and_exits_2_naming_one_that_does_not_answer(world, monkeypatch, capsys):
+    from invoke import Exit
+
+    from fabfile import hostbuilder
+
+    build_env(world)
+    monkeypatch.setattr(hostbuilder, "load_config", lambda: world.config)
+    monkeypatch.setattr(hostbuilder, "provider_for", lambda cfg, name: world)
+    hostbuilder.image_list.body(None, provider="libvirt")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][-1] == "HYPERVISOR" and {r[0]: r[-1] for r in rows[1:]} == {
+        "vm-lb": "hv1", "vm-w1": "hv2", "vm-w2": "hv1"}
+    power_cut(world, "hv2")
+    with pytest.raises(Exit) as err:
+        hostbuilder.image_list.body(None, provider="libvirt")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert {r[0]: (r[3], r[-1]) for r in rows[1:]}["vm-w1"] == (UNREACHABLE, "hv2")  # the table still comes
+    assert err.value.code == 2 and "\n" not in str(err.value.message)
+    assert str(err.value.message).startswith("error: hypervisor hv2 (test://")
+
+
 def test_call_home_address_per_hypervisor_and_nginx_listens_on_each(world):
     assert world.booted_addresses() == ["10.201.8.1", "10.201.8.14"]
     assert world.callhome_address_on(world.hypervisor("hv2")) == "10.201.8.14"
@@ -252,3 +275,14 @@ def test_inventory_entry_shape_is_what_the_table_uses():
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_seed_service_and_the_vm_provision_script_agree_on_their_arguments():
+    """booted-seed passes user, key and hostname as arguments: the provision script in the base image
+    must take them so (the local provider's reads files instead; sharing it left VMs with no user)."""
+    from fabfile.providers.libvirt import image
+
+    assert '/usr/local/lib/booted/provision "$(cat "$mnt/user")" "$(cat "$mnt/pubkey")" "$(cat "$mnt/hostname")"' \
+        in image.SEED_SCRIPT
+    assert 'user="$1"; pubkey="$2"; hostname="$3"' in image.VM_PROVISION
+    assert "/etc/booted/provision" not in image.VM_PROVISION

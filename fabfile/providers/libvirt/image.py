@@ -29,6 +29,7 @@ from fabfile.core.errors import ProviderError
 from fabfile.core.output import progress
 from fabfile.core.state import atomic_write, locked
 from fabfile.hosts import callhome
+from fabfile.hosts.provision import USER_SETUP
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
 RECIPE_VERSION = "2"
@@ -130,10 +131,21 @@ class BaseImage:
         return {self.disk.name: self.disk, self.kernel.name: self.kernel, self.initrd.name: self.initrd}
 
 
+# The VM's user and key, applied by booted-seed at first boot with the seed's values as arguments:
+# user, public key, hostname. The libvirt provider's own (the local provider provisions its hosts
+# from files in their overlay, a different interface: sharing its script broke VMs once).
+VM_PROVISION = r"""
+set -eu
+user="$1"; pubkey="$2"; hostname="$3"
+echo "$hostname" > /etc/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$hostname" > /etc/hosts
+""" + USER_SETUP
+
+
 def base_digest(rootfs_marker: str, disk_mb: int) -> str:
     """Names the base image: changes when the local base, this recipe or the disk size change."""
     text = json.dumps({"rootfs": rootfs_marker, "recipe": RECIPE_VERSION, "customize": VM_CUSTOMIZE,
-                       "seed": SEED_SCRIPT + SEED_UNIT, "disk_mb": disk_mb,
+                       "seed": SEED_SCRIPT + SEED_UNIT + VM_PROVISION, "disk_mb": disk_mb,
                        "vm": SSHD_DROPIN + SSHD_CONFIG + MODPROBE_BLACKLIST,
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -24,6 +24,7 @@ stale and removed when booted next builds or starts a VM there.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import secrets
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fabfile.core import names, ssh
-from fabfile.core.errors import ProviderError, WaitTimeout
+from fabfile.core.errors import BootedError, ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
 from fabfile.hosts import callhome
@@ -51,9 +52,10 @@ from fabfile.providers.libvirt.placement import (
     environment_vms,
     hypervisors_from_settings,
     place,
+    valid_hypervisor_name,
 )
 from fabfile.providers.local import network as localnet
-from fabfile.providers.local.provider import HOST_PROVISION, LocalProvider, image_cache_dir
+from fabfile.providers.local.provider import LocalProvider, image_cache_dir
 
 
 def owner_tag() -> str:
@@ -76,9 +78,15 @@ class VmRecords:
         if isinstance(data, dict):
             for image, entry in data.items():
                 try:
-                    out[image] = (str(entry["hypervisor"]), HostRecord(**entry["record"]))
-                except (KeyError, TypeError):
+                    hv, record = str(entry["hypervisor"]), HostRecord(**entry["record"])
+                    # its values go into domain XML, seed disks and names: only what booted writes
+                    names.check("image", record.image)
+                    domainxml.check_mac(record.mac)
+                    ipaddress.IPv4Address(record.address)
+                except (KeyError, TypeError, ValueError, BootedError):
                     continue  # an entry booted did not write: the domains still say where VMs are
+                if image == record.image and valid_hypervisor_name(hv) is None:
+                    out[image] = (hv, record)
         return out
 
     def save(self, records: dict[str, tuple[str, HostRecord]]) -> None:
@@ -277,7 +285,7 @@ class LibvirtProvider(Provider):
             rootfs = local.ensure_image(refresh=False)
             cache = image_cache_dir() / local.suite / "libvirt"
             self._base = image.ensure_base(rootfs, local.image_marker(), cache, int(self.settings["disk_mb"]),
-                                           HOST_PROVISION)
+                                           image.VM_PROVISION)
         return self._base
 
     def ensure_base_volumes(self, hv: Hypervisor) -> dict[str, str]:
