@@ -18,5 +18,6 @@ def fake_base_image(tmp_path: Path, monkeypatch, record) -> image.BaseImage:
     for i, f in enumerate(base.names.values()):
         f.write_bytes(b"x" * (1000 + i))
     monkeypatch.setattr(LibvirtProvider, "base_image", lambda self: base)
+    monkeypatch.setattr(LibvirtProvider, "base_names", lambda self: base)
     monkeypatch.setattr(LibvirtProvider, "_upload", staticmethod(record))
     return base

@@ -185,7 +185,7 @@ def test_power_cut_of_a_hypervisor_under_load_fails_no_request_and_its_worker_is
             cut = time.monotonic()
             multi.hvlab.power_cut("hv2")
             multi.times["power cut of hv2 (cable, then its init)"] = time.monotonic() - cut
-            deadline = cut + 400
+            deadline = cut + 600
             left_inventory = replaced = None
             while time.monotonic() < deadline:
                 inventory = multi.inventory()
@@ -210,7 +210,7 @@ def test_power_cut_of_a_hypervisor_under_load_fails_no_request_and_its_worker_is
     print("monitor:\n  " + "\n  ".join(out.splitlines()[-25:]))
     assert left_inventory is not None, f"{W1} never left the inventory\n{out[-3000:]}"
     multi.times["hv2 lost -> its worker out of the inventory and the load balancer"] = left_inventory
-    assert replaced is not None, f"{W1} was not replaced within 400 s\n{out[-3000:]}"
+    assert replaced is not None, f"{W1} was not replaced within 600 s\n{out[-3000:]}"
     multi.times["hv2 lost -> its worker replaced on hv1, serving, in the load balancer"] = replaced
     assert report.requests > 100
     assert report.failed == 0, report.summary()

@@ -24,6 +24,7 @@ from fabfile.flows import plans  # noqa: E402
 from fabfile.hosts.inventory import HostEntry  # noqa: E402
 from fabfile.providers import UNREACHABLE, Machine, get_provider, load_config  # noqa: E402
 from fabfile.providers.libvirt.hypervisor import Hypervisor, HypervisorUnreachable  # noqa: E402
+from fabfile.providers.libvirt.provider import LibvirtProvider  # noqa: E402
 from fabfile.scaling.policy import UP, Observation, Policy, Sample  # noqa: E402
 
 CONFIG = textwrap.dedent("""\
@@ -121,7 +122,7 @@ def test_load_balancer_and_workers_spread_and_stay_where_they_are(world, tmp_pat
     assert where(again) == where(world)
 
 
-def test_the_base_goes_once_to_each_hypervisor_and_again_only_if_its_copy_is_incomplete(world):
+def test_the_base_goes_once_to_each_hypervisor_and_again_only_if_its_copy_is_incomplete(world, monkeypatch):
     build_env(world)
     bases = sorted(u for u in world.uploads if "booted-base-" in u[1])
     assert bases == sorted((hv, f"booted-base-0123456789abcdef.{ext}") for hv in ("hv1", "hv2")
@@ -133,6 +134,12 @@ def test_the_base_goes_once_to_each_hypervisor_and_again_only_if_its_copy_is_inc
     world.ensure_base_volumes(hv2)
     assert sorted(u for u in world.uploads) == [("hv2", f"booted-base-0123456789abcdef.{ext}")
                                                 for ext in ("initrd", "qcow2", "vmlinuz")]
+    # a hypervisor that holds this base needs no copy of it on this machine (another booted sharing
+    # the image cache may have removed it): nothing is built or uploaded
+    world.uploads.clear()
+    monkeypatch.setattr(LibvirtProvider, "base_image", lambda self: pytest.fail("the base was built again"))
+    world.ensure_base_volumes(hv2)
+    assert world.uploads == []
 
 
 def test_pins_are_honoured(tmp_path, monkeypatch):

@@ -156,6 +156,17 @@ def base_files(cache: Path, digest: str) -> BaseImage:
     return BaseImage(digest, cache / f"{stem}.qcow2", cache / f"{stem}.vmlinuz", cache / f"{stem}.initrd")
 
 
+# A cached base of another recipe that nobody used for this long is deleted by the next build.
+UNUSED_BASE_S = 2 * 86400
+
+
+def _unused(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > UNUSED_BASE_S
+    except OSError:
+        return False
+
+
 # The longest a base build may take: its steps' own limits (copy, customise, mkfs, convert) added up.
 BUILD_TIMEOUT_S = 600 + 900 + 900 + 600
 
@@ -167,6 +178,8 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
     # parallel builds of one environment wait here while one of them builds it (minutes, loaded)
     with locked("libvirt-base-image", timeout=BUILD_TIMEOUT_S):
         if all(p.exists() for p in base.names.values()):
+            for f in base.names.values():
+                os.utime(f)  # in use: see UNUSED_BASE_S
             return base
         for tool in ("mkfs.ext4", "qemu-img", "systemd-nspawn"):
             if localcmd.which(tool) is None and not Path("/usr/sbin", tool).exists():
@@ -197,9 +210,11 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
                 os.chmod(src, 0o644)
                 os.replace(src, dest)
             progress(f"libvirt: VM base image ready in {time.monotonic() - started:.0f}s: {base.disk}")
-            # older recipes' files: pools hold their own copies (or hard links), so nothing boots from these
+            # other recipes' files: pools hold their own copies (or hard links), so nothing boots from these;
+            # but the cache is shared (BOOTED_IMAGE_CACHE) by booteds of other versions, which use theirs:
+            # only bases none of them has used for UNUSED_BASE_S go
             for old in cache.glob("booted-base-*"):
-                if old.name.split(".")[0] != f"booted-base-{base.digest}":
+                if old.name.split(".")[0] != f"booted-base-{base.digest}" and _unused(old):
                     old.unlink(missing_ok=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)

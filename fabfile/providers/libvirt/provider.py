@@ -288,6 +288,15 @@ class LibvirtProvider(Provider):
                                            image.VM_PROVISION)
         return self._base
 
+    def base_names(self) -> image.BaseImage:
+        """The current base image's names (its digest), without building it."""
+        if self._base is not None:
+            return self._base
+        local = LocalProvider(self.config)
+        local.ensure_image(refresh=False)
+        return image.base_files(image_cache_dir() / local.suite / "libvirt",
+                                image.base_digest(local.image_marker(), int(self.settings["disk_mb"])))
+
     def ensure_base_volumes(self, hv: Hypervisor) -> dict[str, str]:
         """The base image's volumes on ``hv`` (uploaded there unless it has this exact base): role -> path.
 
@@ -295,14 +304,16 @@ class LibvirtProvider(Provider):
         only after all three arrived whole: a hypervisor has this base iff it has the marker (an
         upload cut short leaves no marker, so it is redone)."""
         lv = bindings()
-        base = self.base_image()
-        files = (("disk", base.disk), ("kernel", base.kernel), ("initrd", base.initrd))
+        base = self.base_names()  # a hypervisor holding this base needs no copy of it here
         marker = f"booted-base-{base.digest}.complete"
         paths = {}
         # VMs are built in parallel; one copies the base to each hypervisor (two hypervisors at once)
         with locked(f"libvirt-base-volumes-{hv.name}", timeout=1800):
             try:
                 complete = self._volume(hv, marker) is not None
+                if not complete:
+                    base = self.base_image()
+                files = (("disk", base.disk), ("kernel", base.kernel), ("initrd", base.initrd))
                 for role, src in files:
                     vol = self._volume(hv, src.name)
                     if vol is None or not complete:
