@@ -18,6 +18,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from configs import two_environments, use_config
 from gate import pack_and_test
 
 from fabfile.hosts import bootlog, callhome
@@ -25,21 +26,7 @@ from fabfile.hosts.bootlog import BootedLog
 from fabfile.providers import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = """\
-environments:
-  prod:
-    provider: virtualbox
-    images: [prod-lb1, prod-web1, prod-web2]
-    roles: {loadbalancers: [prod-lb1], workers: [prod-web1, prod-web2]}
-    service: hello
-    version: v1
-  test:
-    provider: virtualbox
-    images: [test-box]
-    roles: {loadbalancers: [test-box], workers: [test-box]}
-    service: hello
-    version: v1
-"""
+CONFIG = two_environments("virtualbox", "test", "test-box")
 MACS = {"prod-web1": "08:00:27:00:00:11", "prod-web3": "08:00:27:00:00:13", "test-box": "08:00:27:00:00:20"}
 
 
@@ -57,11 +44,7 @@ def fab(state: Path, config: Path, *args: str, timeout: float = 120, **env: str)
 def world(tmp_path, monkeypatch):
     state = tmp_path / "state"
     state.mkdir(mode=0o755)  # as an older booted (or a checkout) left it
-    monkeypatch.setenv("BOOTED_STATE_DIR", str(state))
-    path = tmp_path / "environments.yaml"
-    path.write_text(CONFIG)
-    monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return state, path, load_config(path)
+    return (state, *use_config(tmp_path, monkeypatch, CONFIG, state))
 
 
 def call_line(env, name, mac, addr, *, ts=None, key=None, msec=None) -> str:
