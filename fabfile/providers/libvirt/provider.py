@@ -33,7 +33,7 @@ from fabfile.core.output import progress, wait_until
 from fabfile.core.state import locked, state_dir
 from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
-from fabfile.providers.libvirt import domainxml, hypervisor, image
+from fabfile.providers.libvirt import domainxml, hypervisor, image, install
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
 from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
 from fabfile.providers.libvirt.placement import DEFAULT_HYPERVISOR, hypervisors_from_settings
@@ -64,6 +64,8 @@ class LibvirtProvider(Provider):
                             for name, spec in hypervisors_from_settings(self.settings).items()}
         self._pools: dict[str, object] = {}
         self._base: image.BaseImage | None = None
+        # a kickstart install fetches its kickstart from booted's nginx (the build flow starts it)
+        self.build_needs_endpoint = self.settings["install"] == "kickstart"
 
     # ------------------------------------------------------------------ settings
     @property
@@ -94,6 +96,10 @@ class LibvirtProvider(Provider):
     def booted_address(self) -> str:
         """Where VMs reach booted's nginx: this machine's address on the bridge (the subnet's gateway)."""
         return self.subnet.gateway
+
+    def installer_networks(self) -> list[str]:
+        """A kickstart install fetches its kickstart from booted's nginx over the bridge."""
+        return [str(self.subnet.network)] if self.settings["install"] == "kickstart" else []
 
     def endpoint_ready(self) -> None:
         """booted's bridge, with the gateway address nginx listens on (on this machine's daemon)."""
@@ -281,6 +287,8 @@ class LibvirtProvider(Provider):
 
     # ------------------------------------------------------------------ provider interface
     def build(self, image_name: str, env) -> Machine:
+        if self.settings["install"] == "kickstart":
+            return install.build(self, image_name, env, owner=owner_tag())
         hv = self.hypervisor()
         found = self._find(image_name)
         if found and found[1].isActive():
@@ -301,6 +309,9 @@ class LibvirtProvider(Provider):
         hv, src_dom, src = self._require(source)
         if src_dom.isActive():
             raise ProviderError("is running; stop it before cloning", image=source)
+        if install.disk_booted(src_dom.XMLDesc(0)):
+            raise ProviderError("was installed by kickstart; cloning such an image is not supported yet "
+                                "(build another one)", image=source)
         if self._find(new):
             raise ProviderError("already exists", image=new)
         base = self.ensure_base_volumes(hv)
