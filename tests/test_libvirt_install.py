@@ -6,6 +6,7 @@ the installer fetch its kickstart, and the stand-in installer's kickstart checke
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import warnings
@@ -297,3 +298,119 @@ def test_standin_waits_like_anaconda_when_the_kickstart_leaves_required_items_op
     assert _pykickstart_verdict(text)[0]  # valid syntax: Anaconda's hub, not its parser, stops here
     accepted, facts, _ = _standin_verdict(text, tmp_path)
     assert accepted and "missing source storage" in facts.splitlines()
+
+
+# ------------------------------------------------------------------ the install flow on libvirt's test driver
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (pip install -e '.[test]')")
+
+FLOW_CONFIG = """\
+settings:
+  nginx: {{port: 8480}}
+providers:
+  libvirt: {{uri: "test:///default", storage_dir: {storage}, subnet: 10.201.9.0/28, bridge: btstks0,
+            install: kickstart, iso: "{iso}", install_timeout_s: 1}}
+environments:
+  kvm:
+    provider: libvirt
+    images: [kvm-w1]
+    roles: {{loadbalancers: [kvm-w1], workers: [kvm-w1]}}
+    service: hello
+    version: v1
+"""
+
+
+@pytest.fixture
+def flow(tmp_path, monkeypatch):
+    """A kickstart-installing provider on the test driver (guests start and stop at once, uploads kept)."""
+    from isofixture import make_test_iso
+
+    from fabfile.providers import get_provider
+    from fabfile.providers.libvirt.provider import LibvirtProvider
+
+    iso = make_test_iso(tmp_path / "dvd.iso")
+    path = tmp_path / "environments.yaml"
+    path.write_text(FLOW_CONFIG.format(storage=tmp_path / "pool", iso=iso))
+    cfg = load_config(path)
+    monkeypatch.setattr(LibvirtProvider, "_upload", staticmethod(lambda hv, vol, src: None))
+    monkeypatch.setattr(LibvirtProvider, "endpoint_ready", lambda self: None)  # no bridge without root
+    prov = get_provider("libvirt", cfg)
+    prov.env = cfg.env("kvm")
+    yield prov
+    for _hv, dom, _ in prov._domains():
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    pool = prov.pool(prov.hypervisor())
+    for vol in pool.listAllVolumes(0):
+        vol.delete(0)
+    pool.destroy()
+    pool.undefine()
+
+
+def _left(prov) -> tuple[list, list, list]:
+    pool = prov.pool(prov.hypervisor())
+    pool.refresh(0)
+    return ([r.image for _, _, r in prov._domains()],
+            sorted(v.name() for v in pool.listAllVolumes(0) if v.name().startswith(prov.domain_name("kvm-w1"))),
+            sorted(kickstart.kickstart_path("kvm-w1").parent.glob("*.cfg")) if kickstart.kickstart_path("kvm-w1").parent.exists() else [])
+
+
+def test_install_does_not_start_the_installer_when_nginx_does_not_serve_the_kickstart(flow):
+    from fabfile.core.errors import ProviderError
+
+    with pytest.raises(ProviderError) as caught:
+        flow.build("kvm-w1", flow.env)
+    message = str(caught.value)
+    # (whatever answers at that address on this machine's network, it is not booted's kickstart)
+    assert re.match(r"kvm-w1: kickstart install failed: (nothing serves the kickstart at|booted's nginx answers) "
+                    r"http://10.201.9.1:8480/ks/[A-Za-z0-9_-]+\.cfg", message), message
+    assert "removed the half-built VM" in message
+    assert "\n" not in message
+    assert _left(flow) == ([], [], [])
+
+
+def test_install_that_never_powers_off_times_out_and_leaves_nothing(flow, monkeypatch):
+    from fabfile.core.errors import ProviderError
+
+    monkeypatch.setattr(kickstart, "check_kickstart_served", lambda image, host, port: f"http://{host}:{port}/ks/x.cfg")
+    with pytest.raises(ProviderError) as caught:
+        flow.build("kvm-w1", flow.env)
+    assert str(caught.value).startswith(
+        "kvm-w1: kickstart install failed: timed out after 1s waiting for kvm-w1 to finish installing "
+        "(the kickstart powers it off); raise providers.libvirt.install_timeout_s if the install is only slow; "
+        "removed the half-built VM")
+    assert _left(flow) == ([], [], [])
+
+
+def test_install_that_powers_off_is_switched_to_disk_boot(flow, monkeypatch):
+    seen = {}
+
+    def served(image, host, port):
+        seen["ks"] = kickstart.kickstart_path(image).read_text()
+        return f"http://{host}:{port}/ks/x.cfg"
+
+    def installer_powers_off(provider, dom, image, console):
+        seen["install_xml"] = dom.XMLDesc(0)
+        dom.shutdown()  # the test driver: a guest power-off, at once
+        assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN]
+
+    monkeypatch.setattr(kickstart, "check_kickstart_served", served)
+    monkeypatch.setattr(install, "_wait_for_poweroff", installer_powers_off)
+    machine = flow.build("kvm-w1", flow.env)
+    assert machine.state == "poweroff" and machine.addresses == ["10.201.9.2"]
+    install_dom = ET.fromstring(seen["install_xml"])
+    cmdline = install_dom.findtext("./os/cmdline")
+    assert f"ip=10.201.9.2::10.201.9.1:255.255.255.240:kvm-w1:bootnet:none ifname=bootnet:{machine.macs[0]}" in cmdline
+    assert "inst.ks=http://10.201.9.1:8480/ks/" in cmdline and install_dom.findtext("./memory") == str(2048 * 1024)
+    assert install_dom.find("./devices/disk[@device='cdrom']/source").get("file").endswith(".iso")
+    assert f"network --device={machine.macs[0]} --bootproto=static --ip=10.201.9.2 " in seen["ks"]
+    xml = flow._require("kvm-w1")[1].XMLDesc(0)
+    assert install.disk_booted(xml) and "cdrom" not in xml and "<memory unit='KiB'>524288</memory>" in xml
+    domains, volumes, served_now = _left(flow)
+    assert domains == ["kvm-w1"] and volumes == [flow.domain_name("kvm-w1") + ".qcow2"] and served_now == []
+    from fabfile.core.errors import ProviderError
+
+    with pytest.raises(ProviderError, match="already exists; delete it first"):
+        flow.build("kvm-w1", flow.env)
+    with pytest.raises(ProviderError, match="was installed by kickstart; cloning"):
+        flow.clone("kvm-w1", "kvm-w2", flow.env)
