@@ -323,6 +323,7 @@ environments:
 def flow(tmp_path, monkeypatch):
     """A kickstart-installing provider on the test driver (guests start and stop at once, uploads kept)."""
     from isofixture import make_test_iso
+    from libvirt_testdriver import clear
 
     from fabfile.providers import get_provider
     from fabfile.providers.libvirt.provider import LibvirtProvider
@@ -336,15 +337,7 @@ def flow(tmp_path, monkeypatch):
     prov = get_provider("libvirt", cfg)
     prov.env = cfg.env("kvm")
     yield prov
-    for _hv, dom, _ in prov._domains():
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
-    pool = prov.pool(prov.hypervisor())
-    for vol in pool.listAllVolumes(0):
-        vol.delete(0)
-    pool.destroy()
-    pool.undefine()
+    clear(prov)
 
 
 def _left(prov) -> tuple[list, list, list]:
