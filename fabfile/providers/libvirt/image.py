@@ -34,6 +34,7 @@ from fabfile.hosts import callhome
 RECIPE_VERSION = "2"
 SEED_LABEL = "booted-seed"
 SEED_SIZE = 4 * 1024 * 1024
+BASE_BUILD_WAIT_S = 1800  # how long a build waits for another one building the base image
 
 # Run once inside a copy of the local base image (systemd-nspawn, host network for apt).
 # Fixed text; no data is interpolated.
@@ -148,7 +149,9 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
     """Build the VM base image from the local provider's root file system unless it is cached."""
     base = base_files(cache, base_digest(rootfs_marker, disk_mb))
     cache.mkdir(parents=True, exist_ok=True)
-    with locked("libvirt-base-image"):
+    # VMs are built in parallel and one builds the base (minutes; it shows progress): the others wait
+    # for it, longer than the default lock timeout.
+    with locked("libvirt-base-image", timeout=BASE_BUILD_WAIT_S):
         if all(p.exists() for p in base.names.values()):
             return base
         for tool in ("mkfs.ext4", "qemu-img", "systemd-nspawn"):

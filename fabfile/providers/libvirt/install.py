@@ -208,7 +208,7 @@ def _installer_volumes(provider: "LibvirtProvider", hv: Hypervisor, iso: Path) -
     digest = kickstart.iso_digest(iso)[:16]
     stem = f"booted-installer-{digest}"
     paths = {}
-    with locked("libvirt-installer-volumes"):
+    with locked("libvirt-installer-volumes", timeout=1800):  # one copies a DVD (GBs) while the others wait
         vmlinuz, initrd = kickstart.extract_pxeboot(iso, state_path("pxeboot", "libvirt", stem))
         for role, src, name in (("kernel", vmlinuz, f"{stem}.vmlinuz"), ("initrd", initrd, f"{stem}.initrd"),
                                 ("iso", iso, f"{stem}.iso")):

@@ -209,7 +209,7 @@ class LibvirtProvider(Provider):
         """The base image's volumes on ``hv`` (copied there if missing): role -> path there."""
         base = self.base_image()
         paths = {}
-        with locked("libvirt-base-volumes"):  # VMs are built in parallel; one copies the base
+        with locked("libvirt-base-volumes", timeout=image.BASE_BUILD_WAIT_S):  # VMs are built in parallel; one copies the base
             for role, src in (("disk", base.disk), ("kernel", base.kernel), ("initrd", base.initrd)):
                 vol = self._volume(hv, src.name)
                 if vol is None:  # the name carries the digest: a present volume is this base (copies are atomic)
