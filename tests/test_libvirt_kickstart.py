@@ -32,7 +32,6 @@ providers:
     iso: {iso}
     memory_mb: 256
     install_memory_mb: 256
-    disk_mb: 2048
     install_timeout_s: {timeout}
 environments:
   kslab:
@@ -66,7 +65,8 @@ def kslab(tmp_path_factory):
     try:
         lab.started_daemons = start_daemons()
         started = time.monotonic()
-        # The stand-in's kernel and modules are those of booted's VM base image (built once, cached).
+        # The stand-in's kernel and modules are those of booted's VM base image (built once, cached; the
+        # default disk_mb keeps its digest the one the real-VM tier uses, so neither rebuilds it).
         saved = os.environ.get("BOOTED_IMAGE_CACHE")
         os.environ["BOOTED_IMAGE_CACHE"] = lab.extra_env["BOOTED_IMAGE_CACHE"]
         try:
