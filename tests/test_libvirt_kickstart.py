@@ -67,18 +67,10 @@ def kslab(tmp_path_factory):
         started = time.monotonic()
         # The stand-in's kernel and modules are those of booted's VM base image (built once, cached; the
         # default disk_mb keeps its digest the one the real-VM tier uses, so neither rebuilds it).
-        saved = os.environ.get("BOOTED_IMAGE_CACHE")
-        os.environ["BOOTED_IMAGE_CACHE"] = lab.extra_env["BOOTED_IMAGE_CACHE"]
-        try:
-            with lab.activated():
-                from fabfile.providers import get_provider, load_config
+        with lab.activated():  # (with the lab's BOOTED_IMAGE_CACHE)
+            from fabfile.providers import get_provider, load_config
 
-                base = get_provider("libvirt", load_config(lab.config_path)).base_image()
-        finally:
-            if saved is None:
-                os.environ.pop("BOOTED_IMAGE_CACHE")
-            else:
-                os.environ["BOOTED_IMAGE_CACHE"] = saved
+            base = get_provider("libvirt", load_config(lab.config_path)).base_image()
         make_standin_dvd(lab.root / "standin-dvd.iso", base.kernel, base.disk)
         print(f"\nstand-in DVD built in {time.monotonic() - started:.0f}s")
         yield lab
