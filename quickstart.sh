@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(systemd-container debootstrap nginx-light iproute2 openssh-client git curl wrk
               python3 python3-venv python3-pip pxelinux syslinux-common ca-certificates
               libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system
-              qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev e2fsprogs)
+              qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev e2fsprogs busybox-static)
 
 die() { echo "quickstart: $*" >&2; exit 1; }
 

@@ -83,7 +83,8 @@ def hosts_reset(c, yes=False, booted_log=None):
 def restart_nginx(c):
     """Render, check and (re)start booted's nginx; rotate the booted log."""
     cfg = load_config()
-    action, rotated = nginxctl.restart(cfg, reach=discovery.endpoint_addresses(cfg))
+    action, rotated = nginxctl.restart(cfg, reach=discovery.endpoint_addresses(cfg),
+                                       installers=discovery.installer_networks(cfg))
     say(f"nginx {action}: {nginxctl.status(cfg).url} (config {nginxctl.conf_path()})")
     say(f"booted log: {nginxctl.booted_log_path()}" + (f" (previous moved to {rotated})" if rotated else ""))
     if rotated is not None:

@@ -16,6 +16,7 @@ import pytest
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (pip install -e '.[test]')")
 
 from libvirt_fakes import fake_base_image  # noqa: E402
+from libvirt_testdriver import clear  # noqa: E402
 
 from fabfile.core.errors import ConfigError, ProviderError  # noqa: E402
 from fabfile.providers import get_provider, load_config  # noqa: E402
@@ -55,15 +56,7 @@ def world(tmp_path, monkeypatch):
     prov.env = cfg.env("vms")
     yield prov
     # the test driver's state lives as long as this process: leave none of ours behind
-    for _hv, dom, _ in prov._domains():
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
-    pool = prov.pool(prov.hypervisor())
-    for vol in pool.listAllVolumes(0):
-        vol.delete(0)
-    pool.destroy()
-    pool.undefine()
+    clear(prov)
 
 
 def dom_xml(prov, image_name):

@@ -128,6 +128,34 @@ def test_monitor_starts_and_stops_worker_vms(vms):
     assert "scale" in out.lower() or "stop" in out.lower(), out[-2000:]
 
 
+def test_clone_of_a_stopped_worker_boots_and_calls_home_as_itself(vms):
+    """A clone of a stopped worker VM boots from its copied disk with its own seed: its own address,
+    call-home identity and SSH host key (pinned before it boots), not its source's."""
+    source = next(w for w in WORKERS if vms.provider_state(w) == "poweroff")
+    cloned = vms.fab("image-clone", "--image", source, "--name", "vm-c1", timeout=120)
+    assert cloned.ok, cloned
+    try:
+        started = time.monotonic()
+        assert vms.fab("image-start", "--image", "vm-c1", timeout=120).ok
+        address = vms.host_address("vm-c1")
+        assert address != vms.host_address(source)
+
+        def called_home() -> bool:
+            vms.fab("hosts-logged", timeout=60)
+            return vms.inventory().get("vm-c1", {}).get("address") == address
+
+        wait_for(called_home, 300, "the clone to call home as vm-c1 from its own address")
+        print(f"\nclone vm-c1 of {source}: start to call home {time.monotonic() - started:.0f}s")
+        pinned = {line.split()[0]: line.split()[1:3] for line in (vms.state / "ssh" / "known_hosts").read_text().splitlines()
+                  if line.strip()}
+        scanned = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-T", "10", address], capture_output=True, text=True,
+                                 timeout=30).stdout.split()
+        assert scanned[1:3] == pinned[address] and pinned[address] != pinned[vms.host_address(source)]
+    finally:
+        vms.fab("image-stop", "--image", "vm-c1", "--force", timeout=120)
+        vms.fab("image-del", "--image", "vm-c1", "--yes", timeout=120)
+
+
 def test_env_stop_leaves_no_domain_tap_or_qemu_process(vms):
     result = vms.fab("env-stop", "--env", "vmlab", timeout=300)
     assert result.ok, result

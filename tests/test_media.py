@@ -22,7 +22,7 @@ from fabfile.core import localcmd, names, ssh, state
 from fabfile.core.errors import BootedError, ConfigError, UsageError
 from fabfile.hosts import callhome
 from fabfile.hosts.endpoint import kickstart_dir
-from fabfile.providers import load_config
+from fabfile.providers import kickstart, load_config
 from fabfile.providers.virtualbox import media
 from fabfile.services import manifest
 from tests.isofixture import DEFAULT_FILES, make_test_iso
@@ -443,7 +443,7 @@ def test_no_plaintext_secret_in_anything_staged(cfg, pxelinux, monkeypatch):
 
 
 def test_repository_media_files_hold_no_password():
-    texts = [media.TEMPLATE.read_text(), Path(media.__file__).read_text(),
+    texts = [media.TEMPLATE.read_text(), Path(media.__file__).read_text(), Path(kickstart.__file__).read_text(),
              (state.PROJECT_ROOT / "iso" / "README.md").read_text()]
     for text in texts:
         assert not re.search(r"--plaintext|--password=|^\s*vnc\b|rootpw[ \t]+(?!--lock|--iscrypted)", text, re.M)

@@ -51,6 +51,12 @@ def endpoint_addresses(cfg) -> list[str]:
     return addresses
 
 
+def installer_networks(cfg) -> list[str]:
+    """The networks the configured providers' installers fetch kickstarts from (booted's nginx allows them)."""
+    return [n for name in sorted({env.provider for env in cfg.environments.values()})
+            for n in get_provider(name, cfg).installer_networks()]
+
+
 def log_path(override: str | None = None) -> Path:
     return Path(override) if override else nginxctl.booted_log_path()
 

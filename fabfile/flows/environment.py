@@ -39,9 +39,9 @@ def provider_of(cfg: Config, env: Environment) -> Provider:
 
 def ensure_nginx(cfg: Config) -> None:
     """booted's nginx must run for hosts to call home; start it (without rotating) if it doesn't."""
-    reach = discovery.endpoint_addresses(cfg)
-    if not nginxctl.status(cfg).running or nginxctl.running_config_differs(cfg, reach):
-        action, _ = nginxctl.restart(cfg, rotate=False, reach=reach)
+    reach, installers = discovery.endpoint_addresses(cfg), discovery.installer_networks(cfg)
+    if not nginxctl.status(cfg).running or nginxctl.running_config_differs(cfg, reach, installers):
+        action, _ = nginxctl.restart(cfg, rotate=False, reach=reach, installers=installers)
         progress(f"booted nginx {action} on port {cfg.nginx['port']}")
 
 

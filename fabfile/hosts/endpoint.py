@@ -76,6 +76,11 @@ def kickstart_dir(create: bool = False) -> Path:
     return path
 
 
+def kickstart_log_path() -> Path:
+    """nginx's log of kickstart fetches (address, time, status, bytes; see nginx/booted.conf)."""
+    return prefix() / "kickstart.log"
+
+
 def share_with_workers(path: Path) -> None:
     """Let nginx's workers (not root) read a 0640 file they serve: give it their group."""
     if os.geteuid() == 0:
@@ -108,8 +113,10 @@ def listen_addresses(config, reach: Iterable[str]) -> list[str]:
     return addresses
 
 
-def render(config, addresses: Sequence[str] = (LOOPBACK,)) -> str:
+def render(config, addresses: Sequence[str] = (LOOPBACK,), installers: Iterable[str] = ()) -> str:
+    """booted's nginx config; ``installers``: networks (CIDR) whose installers may fetch kickstarts."""
     port = config.nginx["port"]
+    allow = "".join(f"allow {ipaddress.IPv4Network(n, strict=False)};\n            " for n in dict.fromkeys(installers))
     base = prefix()
     return templates.render(TEMPLATE, dict(
         # Workers only read kickstarts and write nothing; as root, drop them to nobody.
@@ -121,6 +128,8 @@ def render(config, addresses: Sequence[str] = (LOOPBACK,)) -> str:
         callhome_path=callhome.CALLHOME_PATH,
         booted_log=nginx_path(booted_log_path()),
         kickstart_dir=nginx_path(kickstart_dir(), trailing_slash=True),
+        installer_allow=allow,
+        kickstart_log=nginx_path(kickstart_log_path()),
     ))
 
 
@@ -165,15 +174,17 @@ def check(conf: Path) -> None:
         raise BootedError(f"nginx rejected the config {conf}: {lines[0] if lines else 'nginx -t failed'}")
 
 
-def restart(config, rotate: bool = True, reach: Iterable[str] = ()) -> tuple[str, Path | None]:
+def restart(config, rotate: bool = True, reach: Iterable[str] = (),
+            installers: Iterable[str] = ()) -> tuple[str, Path | None]:
     """Render, check, rotate the booted log, then start or reload. Returns (action, rotated log).
 
-    ``reach``: the addresses hosts call home to (see ``listen_addresses``). A rotated log is
+    ``reach``: the addresses hosts call home to (see ``listen_addresses``); ``installers``: the networks
+    installers fetch kickstarts from (see ``render``). A rotated log is
     complete when this returns: nginx has closed it (every call home written before or during the
     restart is in it or in the new log), so a reader can finish it from its cursor.
     """
     with locked("nginx"):
-        text = render(config, listen_addresses(config, reach))
+        text = render(config, listen_addresses(config, reach), installers)
         candidate = prefix() / "nginx.conf.new"
         atomic_write(candidate, text, mode=0o600)
         try:
@@ -210,10 +221,10 @@ def restart(config, rotate: bool = True, reach: Iterable[str] = ()) -> tuple[str
         return action, rotated
 
 
-def running_config_differs(config, reach: Iterable[str] = ()) -> bool:
+def running_config_differs(config, reach: Iterable[str] = (), installers: Iterable[str] = ()) -> bool:
     """True if the config booted would render now is not the one nginx runs (listen set changed)."""
     try:
-        return conf_path().read_text() != render(config, listen_addresses(config, reach))
+        return conf_path().read_text() != render(config, listen_addresses(config, reach), installers)
     except OSError:
         return True
 

@@ -105,6 +105,11 @@ class Provider(abc.ABC):
         """Make ``booted_address()`` exist on this machine, so booted's nginx can listen there
         (default: nothing; it is the hypervisor's, e.g. a host-only interface)."""
 
+    def installer_networks(self) -> builtins.list[str]:
+        """Networks (CIDR) this provider's installers fetch their kickstart from, besides this machine
+        (booted's nginx lets them); none by default."""
+        return []
+
     def callhome_url(self) -> str:
         """The call-home URL this provider's hosts are given."""
         return callhome.callhome_url(self.booted_address(), self.config.nginx["port"])

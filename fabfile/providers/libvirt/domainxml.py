@@ -54,10 +54,10 @@ class DomainPlan:
     domain_type: str  # "kvm", "qemu" (TCG) or whatever the connection offers ("test")
     memory_mb: int
     cpus: int
-    kernel: str
+    kernel: str  # "" (and initrd ""): boot from the disk (a kickstart-installed VM)
     initrd: str
     disk: str  # the VM's own qcow2 overlay
-    seed: str  # the small read-only disk with the VM's identity
+    seed: str  # the small read-only disk with the VM's identity ("": none)
     bridge: str
     mac: str
     console_log: str
@@ -66,6 +66,8 @@ class DomainPlan:
     uuid: str = ""  # set when redefining an existing domain (libvirt matches it by name and uuid)
     cmdline: str = "root=/dev/vda rw console=ttyS0 quiet"
     extra: dict = field(default_factory=dict)
+    cdrom: str = ""  # an ISO attached as a CD-ROM (the install DVD while a kickstart install runs)
+    on_reboot: str = "restart"  # "destroy" while installing: a reboot ends the install instead of rerunning it
 
 
 def check_mac(mac: str) -> str:
@@ -88,10 +90,14 @@ def render_domain(plan: DomainPlan) -> str:
     ET.SubElement(dom, "vcpu").text = str(plan.cpus)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", {"arch": "x86_64"}).text = "hvm"
-    # Direct kernel boot: no bootloader, no firmware menu; the kernel comes with the base image.
-    ET.SubElement(os_el, "kernel").text = plan.kernel
-    ET.SubElement(os_el, "initrd").text = plan.initrd
-    ET.SubElement(os_el, "cmdline").text = plan.cmdline
+    if plan.kernel:
+        # Direct kernel boot: no bootloader, no firmware menu; the kernel comes with the base image
+        # (or, while a kickstart install runs, the installer's, from the ISO).
+        ET.SubElement(os_el, "kernel").text = plan.kernel
+        ET.SubElement(os_el, "initrd").text = plan.initrd
+        ET.SubElement(os_el, "cmdline").text = plan.cmdline
+    else:
+        ET.SubElement(os_el, "boot", {"dev": "hd"})  # the boot loader the installer put on the disk
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")  # image-stop's clean shutdown is an ACPI power-button press
     if plan.domain_type == "qemu":
@@ -99,16 +105,24 @@ def render_domain(plan: DomainPlan) -> str:
         tcg = ET.SubElement(features, "tcg")
         ET.SubElement(tcg, "tb-cache", {"unit": "MiB"}).text = str(plan.tcg_cache_mb)
     ET.SubElement(dom, "on_poweroff").text = "destroy"
-    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_reboot").text = plan.on_reboot
     ET.SubElement(dom, "on_crash").text = "destroy"
     devices = ET.SubElement(dom, "devices")
     for target, path, fmt, readonly in (("vda", plan.disk, "qcow2", False), ("vdb", plan.seed, "raw", True)):
+        if not path:
+            continue
         disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
         ET.SubElement(disk, "driver", {"name": "qemu", "type": fmt})
         ET.SubElement(disk, "source", {"file": path})
         ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
         if readonly:
             ET.SubElement(disk, "readonly")
+    if plan.cdrom:
+        cd = ET.SubElement(devices, "disk", {"type": "file", "device": "cdrom"})
+        ET.SubElement(cd, "driver", {"name": "qemu", "type": "raw"})
+        ET.SubElement(cd, "source", {"file": plan.cdrom})
+        ET.SubElement(cd, "target", {"dev": "sda", "bus": "sata"})  # SATA: i440fx and q35 machines alike
+        ET.SubElement(cd, "readonly")
     # No USB controller and no balloon: libvirt adds both by default, and each is a driver to load
     # and a device to emulate for nothing.
     ET.SubElement(devices, "controller", {"type": "usb", "model": "none"})
@@ -169,6 +183,17 @@ def render_overlay_volume(name: str, capacity_bytes: int, backing_path: str) -> 
     backing = ET.SubElement(vol, "backingStore")
     ET.SubElement(backing, "path").text = backing_path
     ET.SubElement(backing, "format", {"type": "qcow2"})
+    return ET.tostring(vol, encoding="unicode")
+
+
+def render_disk_volume(name: str, capacity_bytes: int) -> str:
+    """An empty qcow2 volume (a disk an installer partitions and fills)."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", {"unit": "bytes"}).text = str(capacity_bytes)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", {"type": "qcow2"})
+    ET.SubElement(target, "permissions").append(_text("mode", "0600"))
     return ET.tostring(vol, encoding="unicode")
 
 

@@ -41,7 +41,7 @@ from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
 from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, UNREACHABLE, Machine, Provider
-from fabfile.providers.libvirt import domainxml, hypervisor, image
+from fabfile.providers.libvirt import domainxml, hypervisor, image, install
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
 from fabfile.providers.libvirt.hypervisor import Hypervisor, HypervisorUnreachable, bindings
 from fabfile.providers.libvirt.placement import (
@@ -125,6 +125,8 @@ class LibvirtProvider(Provider):
         self._base: image.BaseImage | None = None
         self.records = VmRecords()
         self._noted_down: set[str] = set()
+        # a kickstart install fetches its kickstart from booted's nginx (the build flow starts it)
+        self.build_needs_endpoint = self.settings["install"] == "kickstart"
 
     # ------------------------------------------------------------------ settings
     @property
@@ -174,6 +176,10 @@ class LibvirtProvider(Provider):
             if spec.callhome_address and spec.callhome_address not in out:
                 out.append(spec.callhome_address)
         return out
+
+    def installer_networks(self) -> list[str]:
+        """A kickstart install fetches its kickstart from booted's nginx over the bridge."""
+        return [str(self.subnet.network)] if self.settings["install"] == "kickstart" else []
 
     def endpoint_ready(self) -> None:
         """booted's bridge, with the gateway address nginx listens on, when VMs run on this machine's
@@ -489,6 +495,8 @@ class LibvirtProvider(Provider):
 
     # ------------------------------------------------------------------ provider interface
     def build(self, image_name: str, env) -> Machine:
+        if self.settings["install"] == "kickstart":
+            return install.build(self, image_name, env, owner=owner_tag())
         found = self._find(image_name)
         if found and found[1].isActive():
             raise ProviderError("is running; stop it before rebuilding", image=image_name)
@@ -525,6 +533,9 @@ class LibvirtProvider(Provider):
         hv, src_dom, src = self._require(source)
         if src_dom.isActive():
             raise ProviderError("is running; stop it before cloning", image=source)
+        if install.disk_booted(src_dom.XMLDesc(0)):
+            raise ProviderError("was installed by kickstart; cloning such an image is not supported yet "
+                                "(build another one)", image=source)
         if self._find(new):
             raise ProviderError("already exists", image=new)
         base = self.ensure_base_volumes(hv)

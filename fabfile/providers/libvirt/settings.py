@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabfile.core.config import positive, valid_ifname, valid_ipv4, valid_network
+from fabfile.core.config import positive, valid_ifname, valid_ipv4, valid_network, valid_sha256
 from fabfile.providers.libvirt.placement import check_hypervisors, valid_uri
 
 
@@ -34,4 +34,11 @@ SETTINGS = {
     "tcg_cache_mb": ((int,), 64, at_least(16)),  # QEMU's TCG translation cache per VM (its default: 1 GiB)
     "boot_timeout_s": ((int, float), 300, positive),
     "stop_timeout_s": ((int, float), 60, positive),
+    # How image-build makes a VM's disk: "base" (the Debian base image, a copy-on-write overlay) or
+    # "kickstart" (an EL9 install from the ISO with booted's kickstart, as on VirtualBox; see install.py).
+    "install": ((str,), "base", lambda v: None if v in ("base", "kickstart") else "must be base or kickstart"),
+    "iso": ((str,), "iso/install.iso"),
+    "iso_sha256": ((str,), "", valid_sha256),
+    "install_memory_mb": ((int,), 2048, at_least(256)),  # while installing (Anaconda wants 2 GiB); then memory_mb
+    "install_timeout_s": ((int, float), 3600, positive),
 }
