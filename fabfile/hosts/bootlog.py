@@ -131,6 +131,7 @@ class _Checks:
         self.env_bytes = frozenset(e.encode() for e in config.environments)
         self.keys = callhome.Keyring(config) if keys is None else keys
         self.signers: dict[tuple[bytes, bytes], callhome.HostSigner] = {}  # names booted made a key for only
+        self.keyed: dict[bytes, frozenset[bytes]] = {}  # environment -> the names it has keys for
 
     def line(self, line: str | bytes) -> Call | str:
         if isinstance(line, bytes):
@@ -170,6 +171,11 @@ class _Checks:
             return TS_WINDOW
         signer = self.signers.get((env, name))
         if signer is None:
+            keyed = self.keyed.get(env)
+            if keyed is None:
+                keyed = self.keyed[env] = frozenset(n.encode() for n in self.keys.names(env.decode()))
+            if name not in keyed:
+                return UNKNOWN_IMAGE  # no decoding, no key lookup: a flood of invented names stays cheap
             signer = self.keys.signer(env.decode(), name.decode())
             if signer is None:
                 return UNKNOWN_IMAGE

@@ -115,7 +115,11 @@ class HostSigner:
 
     def verifies(self, message: bytes, sig_hex: bytes | str) -> bool:
         """Whether ``sig_hex`` (64 hex digits, already checked) is this key's signature of ``message``."""
-        return hmac.compare_digest(self.digest(message), binascii.unhexlify(sig_hex))
+        inner = self._inner.copy()  # digest(), inlined: this runs once per line that names a known image
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return hmac.compare_digest(outer.digest(), binascii.unhexlify(sig_hex))
 
 
 class Keyring:
@@ -128,6 +132,19 @@ class Keyring:
         self._envs: dict[str, tuple[bytes, dict[str, str], set[str], dict[str, str]]] = {}
         self._signers: dict[tuple[str, str], HostSigner] = {}
 
+    def _env(self, env: str) -> tuple[bytes, dict[str, str], set[str], dict[str, str]]:
+        entry = self._envs.get(env)
+        if entry is None:
+            declared = self.config.environments.get(env)
+            entry = self._envs[env] = (env_secret(env), generations(env),
+                                       set(declared.images) if declared else set(), {})
+        return entry
+
+    def names(self, env: str) -> set[str]:
+        """Every name ``env`` has a key for: its declared images and the ones in its key record."""
+        _, gens, declared_images, _ = self._env(env)
+        return declared_images | set(gens)
+
     def signer(self, env: str, name: str) -> HostSigner | None:
         """The signer of ``name``'s key in ``env``, or None if booted made no key for that name."""
         found = self._signers.get((env, name))
@@ -139,12 +156,7 @@ class Keyring:
         return found
 
     def key(self, env: str, name: str) -> str | None:
-        entry = self._envs.get(env)
-        if entry is None:
-            declared = self.config.environments.get(env)
-            entry = self._envs[env] = (env_secret(env), generations(env),
-                                       set(declared.images) if declared else set(), {})
-        secret, gens, declared_images, cache = entry
+        secret, gens, declared_images, cache = self._env(env)
         key = cache.get(name)
         if key is None:
             if name not in gens and name not in declared_images:
