@@ -1,8 +1,8 @@
 """booted's ``fab``: fabric's command line, without importing paramiko for tasks that never use SSH.
 
 fabric's own ``fab`` (``fabric.main``) imports fabric, and with it paramiko and cryptography, before
-it looks at its arguments: about 0.1 s of every run, half of what `fab --list` costs
-(docs/benchmarking.md, start-up). booted's tasks open their SSH connections themselves
+it looks at its arguments: about 0.1 s of every run, a third of what `fab --list` cost (README,
+"What users wait for besides the deploy"). booted's tasks open their SSH connections themselves
 (``fabfile.core.ssh``, which imports paramiko on the first connection), so most runs need none of it.
 
 This program is fabric's whenever the command line uses anything fabric adds to invoke: its flags
@@ -10,7 +10,8 @@ This program is fabric's whenever the command line uses anything fabric adds to 
 prints paramiko's), the core ``--help`` (which lists fabric's flags), shell completion, or a ``--``
 remainder. Otherwise it is invoke's ``Program`` with the same core flags, the same collection
 search (``fabfile``, ``-c``, ``-r``) and fabric's configuration prefix (``fabric.yaml``,
-``FABRIC_*``). Either way the task collection is this package, imported once.
+``FABRIC_*``). Either way the collection is found as invoke finds it, and booted's package, which
+this module is part of, is not run a second time.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Remote commands are argument lists; ``run`` quotes every item with ``shlex.quote
 
 paramiko and fabric are imported by the functions that need them, not with this module: most tasks
 (listing, discovery, probing) never open an SSH connection, and importing the two costs about 0.1 s
-of every ``fab`` run (docs/benchmarking.md, start-up).
+of every ``fab`` run (README, "What users wait for besides the deploy").
 """
 from __future__ import annotations
 
