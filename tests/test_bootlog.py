@@ -17,27 +17,13 @@ import urllib.parse
 from collections import Counter
 
 import pytest
+from configs import two_environments, use_config
 
 from fabfile.core.errors import BootedError
 from fabfile.hosts import bootlog, callhome
 from fabfile.hosts.bootlog import BootedLog, Call, parse_line
-from fabfile.providers import load_config
 
-CONFIG = """\
-environments:
-  prod:
-    provider: local
-    images: [prod-lb1, prod-web1, prod-web2]
-    roles: {loadbalancers: [prod-lb1], workers: [prod-web1, prod-web2]}
-    service: hello
-    version: v1
-  dev-env:
-    provider: local
-    images: [dev-box]
-    roles: {loadbalancers: [dev-box], workers: [dev-box]}
-    service: hello
-    version: v1
-"""
+CONFIG = two_environments("local")
 CONTROL = {"192.168.56.1", "10.77.0.1", "fe80::1"}
 MSEC = "1700000000.123"
 
@@ -56,11 +42,7 @@ SCRIPT = load_script()
 
 @pytest.fixture
 def cfg(tmp_path, monkeypatch):
-    monkeypatch.setenv("BOOTED_STATE_DIR", str(tmp_path / "state"))
-    path = tmp_path / "environments.yaml"
-    path.write_text(CONFIG)
-    monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return load_config(path)
+    return use_config(tmp_path, monkeypatch, CONFIG)[1]
 
 
 def nginx_escape(raw: bytes) -> str:

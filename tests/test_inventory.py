@@ -12,30 +12,16 @@ import time
 
 import pytest
 import yaml
+from configs import two_environments, use_config
 
 from fabfile.core.errors import ConfigError, UsageError
 from fabfile.hosts import inventory as inv_mod
 from fabfile.hosts.bootlog import Call
 from fabfile.hosts.inventory import HostEntry, Inventory, render
 from fabfile.hosts.reach import probe_ssh
-from fabfile.providers import load_config
 from fabfile.providers.base import CloneRecord
 
-CONFIG = """\
-environments:
-  prod:
-    provider: virtualbox
-    images: [prod-lb1, prod-web1, prod-web2]
-    roles: {loadbalancers: [prod-lb1], workers: [prod-web1, prod-web2]}
-    service: hello
-    version: v1
-  dev-env:
-    provider: virtualbox
-    images: [dev-box]
-    roles: {loadbalancers: [dev-box], workers: [dev-box]}
-    service: hello
-    version: v1
-"""
+CONFIG = two_environments("virtualbox")
 MAC = {"prod-lb1": "08:00:27:00:00:10", "prod-web1": "08:00:27:00:00:11", "prod-web2": "08:00:27:00:00:12",
        "dev-box": "08:00:27:00:00:20", "scratch": "08:00:27:00:00:99"}
 T0 = 1700000000.0
@@ -43,11 +29,7 @@ T0 = 1700000000.0
 
 @pytest.fixture
 def cfg(tmp_path, monkeypatch):
-    monkeypatch.setenv("BOOTED_STATE_DIR", str(tmp_path / "state"))
-    path = tmp_path / "environments.yaml"
-    path.write_text(CONFIG)
-    monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return load_config(path)
+    return use_config(tmp_path, monkeypatch, CONFIG)[1]
 
 
 def clone(name, source):

@@ -60,10 +60,7 @@ def assert_no_request_failed(lab, drill: drills.DrillResult) -> None:
     report = drill.report
     assert report.requests > 20 * report.seconds, f"wrk hardly loaded the load balancer: {drill}"
     assert report.non_2xx == 0, str(drill)
-    # Issue 13 asks for 0 socket errors. The final code still shows a rare one (1 read error in 53,885-72,405
-    # requests at c64, in about one drill of four: a worker killed or powered off mid-response, or a reload
-    # race), so this allows at most one per 20,000 requests until that is found; non-2xx answers stay at 0.
-    assert report.socket_errors <= report.requests // 20000, str(drill)
+    assert report.socket_errors == 0, str(drill)
     errors = lab.ssh(f"{ENV}-lb", "sudo", "cat", "/var/log/nginx/error.log").stdout
     assert "no live upstreams" not in errors, errors[-2000:]
 

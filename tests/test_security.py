@@ -18,6 +18,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from configs import two_environments, use_config
 from gate import pack_and_test
 
 from fabfile.hosts import bootlog, callhome
@@ -25,21 +26,7 @@ from fabfile.hosts.bootlog import BootedLog
 from fabfile.providers import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = """\
-environments:
-  prod:
-    provider: virtualbox
-    images: [prod-lb1, prod-web1, prod-web2]
-    roles: {loadbalancers: [prod-lb1], workers: [prod-web1, prod-web2]}
-    service: hello
-    version: v1
-  test:
-    provider: virtualbox
-    images: [test-box]
-    roles: {loadbalancers: [test-box], workers: [test-box]}
-    service: hello
-    version: v1
-"""
+CONFIG = two_environments("virtualbox", "test", "test-box")
 MACS = {"prod-web1": "08:00:27:00:00:11", "prod-web3": "08:00:27:00:00:13", "test-box": "08:00:27:00:00:20"}
 
 
@@ -57,11 +44,7 @@ def fab(state: Path, config: Path, *args: str, timeout: float = 120, **env: str)
 def world(tmp_path, monkeypatch):
     state = tmp_path / "state"
     state.mkdir(mode=0o755)  # as an older booted (or a checkout) left it
-    monkeypatch.setenv("BOOTED_STATE_DIR", str(state))
-    path = tmp_path / "environments.yaml"
-    path.write_text(CONFIG)
-    monkeypatch.setenv("BOOTED_CONFIG", str(path))
-    return state, path, load_config(path)
+    return (state, *use_config(tmp_path, monkeypatch, CONFIG, state))
 
 
 def call_line(env, name, mac, addr, *, ts=None, key=None, msec=None) -> str:
@@ -292,6 +275,30 @@ def test_the_test_time_limit_kills_the_whole_process_group(spy_service, tmp_path
     assert not tested.ok and "timed out after 3s" in tested.output
     assert time.monotonic() - started < 30
     assert set(_processes("300") + _processes("301")) <= before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the gate switches to an unprivileged account only as root")
+def test_two_gates_at_once_both_run_to_the_end(tmp_path):
+    """The sandbox account is the machine's and a gate ends by killing the account's processes: two
+    booteds gating at once (each with its own state dir) must not kill each other's tests."""
+    import threading
+
+    from fabfile.services import sandbox
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    results: dict[int, sandbox.SandboxResult] = {}
+
+    def gate(n: int, seconds: str) -> None:
+        results[n] = sandbox.run(["sh", "-c", f"sleep {seconds}; echo gate {n} done"], tree, timeout=30)
+
+    threads = [threading.Thread(target=gate, args=(n, s)) for n, s in ((1, "0.2"), (2, "1.5"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert {n: (r.returncode, r.output.strip()) for n, r in results.items()} == \
+        {1: (0, "gate 1 done"), 2: (0, "gate 2 done")}
 
 
 # --------------------------------------------------------------------------- 13: repository credentials

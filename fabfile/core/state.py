@@ -112,14 +112,15 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def locked(name: str, timeout: float | None = None) -> Iterator[None]:
-    """Hold an exclusive advisory lock named ``name`` (a file under state/locks) for the block.
+def locked(name: str, timeout: float | None = None, path: Path | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock named ``name`` (a file under state/locks, or ``path`` for a
+    lock on something outside booted's state, shared by every booted on the machine) for the block.
 
     Waits up to ``timeout`` seconds (default ``BOOTED_LOCK_TIMEOUT_S`` or 120), then raises a
     one-line error naming the process that holds it. The lock file is private (0600, never
     followed through a symlink) and must belong to booted's own user.
     """
-    path = state_path("locks", f"{name}.lock")
+    path = path or state_path("locks", f"{name}.lock")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as err:

@@ -392,7 +392,10 @@ def run_tests(service: Service | str, tree_dir: str | os.PathLike) -> tuple[bool
     if result.returncode is None:
         return False, (f"{service.name} tests: timed out after {service.test_timeout_s:g}s: "
                        f"{' '.join(service.test_argv[:3])}")
-    return result.ok, result.output.strip()
+    output = result.output.strip()
+    if result.returncode < 0:   # cut off mid-run: say so, the output alone ends in a row of dots
+        output += f"\n{service.name} tests: killed by signal {-result.returncode} before they finished"
+    return result.ok, output
 
 
 def test_packed(service: Service | str, tarball: str | os.PathLike) -> tuple[bool, str]:

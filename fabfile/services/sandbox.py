@@ -9,7 +9,11 @@ Whoever can push a tag chooses what the deploy gate runs, so it runs:
 * with an environment made from nothing: PATH, HOME, LANG, TMPDIR and the manifest's ``env``,
   never booted's own (BOOTED_PW, repository URLs with credentials, SSH agent sockets);
 * in its own session, with a time limit; at the limit, and when it ends, every process left in
-  its process group, and every process of the account, is killed.
+  its process group, and every process of the account, is killed;
+* one run at a time on the machine (a lock in /run, whatever booted's state dir): the account is
+  the machine's, so ending one run by killing the account's processes would kill another booted's
+  tests running at the same moment (two environments deploying, a test lab next to a real one:
+  the other gate failed with its output cut off after the dots).
 
 Without root (booted run by a normal user) there is no account to switch to: the code runs as the
 caller with the same scrubbed environment and private copy, and ``run`` says so.
@@ -24,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,10 @@ from fabfile.core.errors import BootedError
 from fabfile.core.state import locked
 
 USER = "booted-test"
+# In /run, where only root creates files (the sandbox account exists only when booted runs as root).
+MACHINE_LOCK = Path("/run/booted-sandbox.lock")
+# How long a gate waits for another booted's gate before giving up, beyond its own time limit.
+LOCK_WAIT_S = 300
 PATH = "/usr/local/bin:/usr/bin:/bin"
 _MAX_OUTPUT = 1 << 20  # the last MiB of output is kept
 
@@ -48,22 +57,29 @@ class SandboxResult:
 
 
 def account() -> pwd.struct_passwd | None:
-    """The unprivileged account untrusted code runs as (made if missing); None if not root."""
+    """The unprivileged account untrusted code runs as (made if missing); None if not root.
+    Called with the machine lock held (``run``)."""
     if os.geteuid() != 0:
         return None
-    with locked("sandbox-user"):
-        try:
-            return pwd.getpwnam(USER)
-        except KeyError:
-            pass
-        nologin = next((p for p in ("/usr/sbin/nologin", "/sbin/nologin") if Path(p).exists()), "/bin/false")
-        localcmd.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                      "--shell", nologin, "--comment", "booted untrusted service tests", USER])
+    try:
         return pwd.getpwnam(USER)
+    except KeyError:
+        pass
+    nologin = next((p for p in ("/usr/sbin/nologin", "/sbin/nologin") if Path(p).exists()), "/bin/false")
+    localcmd.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                  "--shell", nologin, "--comment", "booted untrusted service tests", USER])
+    return pwd.getpwnam(USER)
 
 
 def run(argv: Sequence[str], tree: Path, *, timeout: float, env: Mapping[str, str] | None = None) -> SandboxResult:
     """Run ``argv`` in a private copy of ``tree`` as the sandbox account; see the module doc."""
+    machine_wide = locked("sandbox", timeout=timeout + LOCK_WAIT_S, path=MACHINE_LOCK) if os.geteuid() == 0 \
+        else nullcontext()
+    with machine_wide:
+        return _run(argv, tree, timeout=timeout, env=env)
+
+
+def _run(argv: Sequence[str], tree: Path, *, timeout: float, env: Mapping[str, str] | None) -> SandboxResult:
     user = account()
     work = Path(tempfile.mkdtemp(prefix="booted-sandbox-"))
     try:

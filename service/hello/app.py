@@ -209,8 +209,13 @@ def name_from_body(content_type: str, body: bytes) -> str | None:
 class HelloHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT_S
-    # headers and body go out in two writes; with Nagle on, keep-alive clients wait ~40 ms for
-    # the delayed ACK on each request
+    # A response goes out in ONE write: headers and body are buffered and the stdlib flushes them
+    # after each request. With the default unbuffered writer they went out in two writes, and a
+    # worker killed between them (SIGKILL, power-off) left the load balancer holding headers it
+    # had already passed on: it can only cut the client's connection ("upstream prematurely closed
+    # connection while reading upstream"), the rare socket error of the saturation drills.
+    wbufsize = -1
+    # no Nagle delay on the one write of a keep-alive response
     disable_nagle_algorithm = True
     server: "HelloServer"
 
