@@ -15,6 +15,7 @@ this module is part of, is not run a second time.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -98,4 +99,9 @@ def make_program(argv: list[str]) -> Program:
 
 
 def main() -> None:
-    make_program(sys.argv).run(sys.argv)
+    try:
+        make_program(sys.argv).run(sys.argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `fab --list | head`: the reader left; that is no error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's docs, "Note on SIGPIPE"
+        sys.exit(1)

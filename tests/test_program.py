@@ -99,3 +99,13 @@ def test_fabrics_flags_run_fabrics_program(args, expect, tmp_path):
     want = run([sys.executable, "-c", FABRIC_FAB], args, tmp_path)
     assert (code, out, err) == want[:3]
     assert code == 0 and expect in out and "paramiko" in imported
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOOTED_")}
+    env["BOOTED_STATE_DIR"] = str(tmp_path / "state")
+    proc = subprocess.Popen([str(FAB), "--list"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    proc.stdout.close()  # like `fab --list | head -0`: nobody reads
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
