@@ -6,6 +6,7 @@ The functions here serve the env-* tasks and the monitor alike: ``start_worker``
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,11 +129,21 @@ def start_images(cfg: Config, env: Environment, images: list[str],
     return started
 
 
+_log_reader = threading.Lock()  # held by the one thread reading the booted log into the inventory
+
+
 def _not_called_home(cfg: Config, env: Environment, started: dict[str, float | None]) -> list[str]:
-    """Read what the booted log gained, then the images of ``started`` still to hear from."""
-    path = discovery.log_path()
-    if path.exists():
-        discovery.record(cfg, discovery.read_log(cfg, path))
+    """Read what the booted log gained, then the images of ``started`` still to hear from.
+
+    Many threads ask at once while an environment comes up (one per booting worker): one of them
+    reads the log at a time, the others look at the inventory it keeps updating."""
+    if _log_reader.acquire(blocking=False):
+        try:
+            path = discovery.log_path()
+            if path.exists():
+                discovery.record(cfg, discovery.read_log(cfg, path))
+        finally:
+            _log_reader.release()
     return plans.not_called_home(started, {e.image: e for e in Inventory().hosts(env=env.name)})
 
 
