@@ -109,9 +109,11 @@ class Lab:
     @contextmanager
     def activated(self):
         """Point this process's booted code at the lab (for in-process checks and cleanup)."""
-        saved = {k: os.environ.get(k) for k in ("BOOTED_STATE_DIR", "BOOTED_CONFIG")}
-        os.environ["BOOTED_STATE_DIR"] = str(self.state)
-        os.environ["BOOTED_CONFIG"] = str(self.config_path)
+        # the lab's own variables too (BOOTED_IMAGE_CACHE): in-process code must use the cache the
+        # lab's fab runs use, or it builds a second base image in the lab's state dir
+        wanted = {**self.extra_env, "BOOTED_STATE_DIR": str(self.state), "BOOTED_CONFIG": str(self.config_path)}
+        saved = {k: os.environ.get(k) for k in wanted}
+        os.environ.update(wanted)
         try:
             yield
         finally:
