@@ -5,6 +5,7 @@ from fabfile.core.errors import BootedError, ProviderError
 from fabfile.core.output import say, table
 from fabfile.flows import environment
 from fabfile.providers import NAMES as PROVIDER_NAMES
+from fabfile.providers import UNREACHABLE
 from fabfile.taskutil import confirm, load_config, provider_for, resolve_image, task
 
 PROVIDER_HELP = " or ".join(PROVIDER_NAMES)
@@ -31,10 +32,10 @@ def image_clone(c, image=None, name=None, provider=None):
 
 @task(help={"provider": "list only this provider's images"})
 def image_list(c, provider=None):
-    """List images: provider, environment, state, MACs and addresses."""
+    """List images: provider, environment, state, MACs, addresses and the hypervisor running each (libvirt)."""
     cfg = load_config()
     wanted = [provider] if provider else sorted({e.provider for e in cfg.environments.values()})
-    rows, failures = [], []
+    rows, failures, unreachable = [], [], []
     for name in wanted:
         try:
             machines = provider_for(cfg, name).list()
@@ -42,12 +43,16 @@ def image_list(c, provider=None):
             failures.append(f"{name}: {err}")
             continue
         for m in sorted(machines, key=lambda m: m.name):
+            if m.state == UNREACHABLE and m.detail.get("unreachable") not in unreachable:
+                unreachable.append(m.detail.get("unreachable") or f"{m.name}: its machine does not answer")
             env = cfg.image_env(m.name)
-            rows.append([m.name, m.provider, env.name if env else "-", m.state,
-                         ",".join(m.macs) or "-", ",".join(m.addresses) or "-"])
-    say(table(["image", "provider", "env", "state", "macs", "addresses"], rows, empty="no images"))
+            rows.append([m.name, m.provider, env.name if env else "-", m.state, ",".join(m.macs) or "-",
+                         ",".join(m.addresses) or "-", m.detail.get("hypervisor") or "-"])
+    say(table(["image", "provider", "env", "state", "macs", "addresses", "hypervisor"], rows, empty="no images"))
     if failures:
         raise ProviderError("; ".join(failures))
+    if unreachable:  # listed from booted's records; the machine holding them did not answer
+        raise BootedError("; ".join(unreachable), code=2)
 
 
 @task(positional=["image"], help={"image": "image name", "provider": PROVIDER_HELP})

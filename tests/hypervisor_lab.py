@@ -12,6 +12,7 @@ starts is removed by ``teardown``, also when a test fails.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import ipaddress
@@ -21,8 +22,14 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+from lab import free_subnet
+
+from fabfile.providers import get_provider
 
 # The layer over booted's base image. Fixed text; no data is interpolated.
 LAYER_PACKAGES = ["libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-daemon-system", "libvirt-clients",
@@ -304,3 +311,28 @@ def can_run_hypervisors() -> str | None:
     if not Path("/dev/net/tun").exists():
         return "/dev/net/tun is missing"
     return None
+
+
+@contextlib.contextmanager
+def hypervisor_lab(host_lab, root: Path) -> Iterator[HypervisorLab]:
+    """A HypervisorLab on a subnet of its own, over the host lab's base image; always torn down.
+
+    Skips (fails on CI) where it cannot run. ``host_lab`` is tests/lab.py's session lab."""
+    reason = can_run_hypervisors()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"the hypervisor lab cannot run here: {reason}")
+        pytest.skip(f"hypervisor lab: {reason}")
+    with host_lab.activated():
+        rootfs = get_provider("local", host_lab.config()).ensure_image()
+    layer = ensure_layer(rootfs)
+    subnet = ipaddress.ip_network(free_subnet())
+    if str(subnet) == host_lab.subnet:  # free_subnet is seeded by the pid: step past the host lab's
+        subnet = ipaddress.ip_network(f"{subnet.network_address + 256}/24")
+    the_lab = HypervisorLab(root, rootfs, layer, str(subnet))
+    try:
+        the_lab.net_up()
+        yield the_lab
+    finally:
+        the_lab.teardown()
+        assert the_lab.leftovers() == []

@@ -7,16 +7,12 @@ records VMs booted this way and the times measured.
 """
 from __future__ import annotations
 
-import ipaddress
-import os
 import time
 
 import pytest
-from hypervisor_lab import HypervisorLab, can_run_hypervisors, ensure_layer, run
-from lab import free_subnet
+from hypervisor_lab import HypervisorLab, hypervisor_lab, run
 
 from fabfile.core.localcmd import process_alive
-from fabfile.providers import get_provider
 
 pytestmark = pytest.mark.local
 
@@ -36,24 +32,8 @@ PROBE = """<domain type='qemu'>
 
 @pytest.fixture(scope="module")
 def hvlab(lab, tmp_path_factory):
-    reason = can_run_hypervisors()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the hypervisor lab cannot run here: {reason}")
-        pytest.skip(f"hypervisor lab: {reason}")
-    with lab.activated():
-        rootfs = get_provider("local", lab.config()).ensure_image()
-    layer = ensure_layer(rootfs)
-    subnet = ipaddress.ip_network(free_subnet())
-    if str(subnet) == lab.subnet:  # free_subnet is seeded by the pid: step past the host lab's
-        subnet = ipaddress.ip_network(f"{subnet.network_address + 256}/24")
-    the_lab = HypervisorLab(tmp_path_factory.mktemp("hypervisors"), rootfs, layer, str(subnet))
-    try:
-        the_lab.net_up()
+    with hypervisor_lab(lab, tmp_path_factory.mktemp("hypervisors")) as the_lab:
         yield the_lab
-    finally:
-        the_lab.teardown()
-        assert the_lab.leftovers() == []
 
 
 def qemu_pid(hvlab: HypervisorLab, name: str) -> int | None:

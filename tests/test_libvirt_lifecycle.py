@@ -15,10 +15,11 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (pip install -e '.[test]')")
 
+from libvirt_fakes import fake_base_image  # noqa: E402
+
 from fabfile.core.errors import ConfigError, ProviderError  # noqa: E402
 from fabfile.providers import get_provider, load_config  # noqa: E402
-from fabfile.providers.libvirt import domainxml, hypervisor, image  # noqa: E402
-from fabfile.providers.libvirt.provider import LibvirtProvider  # noqa: E402
+from fabfile.providers.libvirt import domainxml, hypervisor  # noqa: E402
 
 CONFIG = textwrap.dedent("""\
     providers:
@@ -43,18 +44,12 @@ def world(tmp_path, monkeypatch):
     path.write_text(CONFIG.format(storage=storage))
     monkeypatch.setenv("BOOTED_CONFIG", str(path))
     cfg = load_config(path)
-    base_dir = tmp_path / "base"
-    base_dir.mkdir()
-    base = image.base_files(base_dir, "0123456789abcdef")
-    for i, f in enumerate(base.names.values()):
-        f.write_bytes(b"x" * (1000 + i))
     uploads: dict[str, bytes] = {}
 
     def fake_upload(hv, vol, src):
         uploads[vol.name()] = Path(src).read_bytes()
 
-    monkeypatch.setattr(LibvirtProvider, "base_image", lambda self: base)
-    monkeypatch.setattr(LibvirtProvider, "_upload", staticmethod(fake_upload))
+    fake_base_image(tmp_path, monkeypatch, fake_upload)
     prov = get_provider("libvirt", cfg)
     prov.uploads = uploads
     prov.env = cfg.env("vms")

@@ -245,7 +245,7 @@ HV_BAD = [
     ("bad bridge name", HV_GOOD.replace("bridge: br0", "bridge: 'br0; reboot'"), 6,
      "hypervisors.hv1.bridge: must be a network interface name"),
     ("unknown key", HV_GOOD.replace("bridge: br0", "bridge: br0\n    cpus: 8"), 7,
-     "hypervisors.hv1.cpus: unknown key (known: bridge, capacity_vms, memory_mb, uri)"),
+     "hypervisors.hv1.cpus: unknown key (known: bridge, callhome_address, capacity_vms, memory_mb, uri)"),
     ("bad hypervisor name", HV_GOOD.replace("  hv2:", "  HV 2:"), 7,
      "hypervisors.HV 2: invalid hypervisor name 'HV 2'"),
     ("same uri twice", HV_GOOD.replace("10.0.0.12", "10.0.0.11"), 8,

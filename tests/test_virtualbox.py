@@ -232,9 +232,9 @@ def test_image_list_shows_every_vm_with_state_macs_and_addresses(vbox_lab, vbox_
     assert proc.returncode == 0, proc.stderr
     rows = [re.split(r"\s{2,}", line.strip()) for line in proc.stdout.strip().splitlines()]
     assert rows == [
-        ["IMAGE", "PROVIDER", "ENV", "STATE", "MACS", "ADDRESSES"],
-        [IMAGE, "virtualbox", "lab", "running", macs, ip],
-        ["not-booted", "virtualbox", "-", "poweroff", "-", "-"],
+        ["IMAGE", "PROVIDER", "ENV", "STATE", "MACS", "ADDRESSES", "HYPERVISOR"],
+        [IMAGE, "virtualbox", "lab", "running", macs, ip, "-"],
+        ["not-booted", "virtualbox", "-", "poweroff", "-", "-", "-"],
     ]
 
 

@@ -297,6 +297,11 @@ class Environment:
     lb_port: int
     monitor: MonitorSettings
     source: str = ""
+    # image -> where its provider must run it (a named hypervisor); images not named are placed by it
+    placement: tuple[tuple[str, str], ...] = ()
+
+    def pins(self) -> dict[str, str]:
+        return dict(self.placement)
 
     def roles_of(self, image: str) -> list[str]:
         roles = []
@@ -424,12 +429,30 @@ def load(path: str | os.PathLike | None, provider_specs: ProviderSpecs) -> Confi
         if problem:
             chk.fail(kp, problem, envs_doc, name)
         env = _load_env(chk, name, chk.mapping(body, kp, envs_doc, name), kp, list(provider_specs))
+        _check_placement(chk, env, providers[env.provider], f"providers.{env.provider}", envs_doc[name], kp)
         for image in env.images:
             if image in owner:
                 chk.fail(f"{kp}.images", f"image {image!r} is already in environment {owner[image]!r}", envs_doc[name], "images")
             owner[image] = name
         environments[name] = env
     return Config(where, environments, providers, ssh, nginx, deploy)
+
+
+def _check_placement(chk: Checker, env: Environment, settings: dict[str, Any], where: str, body: _Mapping,
+                     kp: str) -> None:
+    """An environment's ``placement`` must name machines its provider has (its ``hypervisors``)."""
+    if not env.placement:
+        return
+    known = settings.get("hypervisors")
+    pins_map = body["placement"]
+    for image, target in env.placement:
+        if not isinstance(known, dict):
+            chk.fail(f"{kp}.placement.{image}", f"{where} has no hypervisors to place images on "
+                     f"(add {where}.hypervisors)", pins_map, image)
+            return
+        if target not in known:
+            chk.fail(f"{kp}.placement.{image}", f"unknown hypervisor {target!r} "
+                     f"(known: {', '.join(known)})", pins_map, image)
 
 
 def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]) -> Environment:
@@ -442,6 +465,7 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
         "workers": ((dict,), None),
         "lb_port": ((int,), 8080, valid_port),
         "monitor": ((dict,), None),
+        "placement": ((dict,), None),
     })
     images = f["images"]
     if not images:
@@ -482,6 +506,12 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
         chk.fail(f"{kp}.workers.max", f"is {w['max']}, below workers.min ({w['min']})", workers_map, "max")
     if w["max"] > len(roles["workers"]):
         chk.fail(f"{kp}.workers.max", f"is {w['max']}, but roles.workers names only {len(roles['workers'])} images", workers_map, "max")
+    pins_map = chk.mapping(f["placement"], f"{kp}.placement", body, "placement")
+    for image, where in pins_map.items():
+        if image not in seen:
+            chk.fail(f"{kp}.placement.{image}", f"names image {image!r}, which is not in {kp}.images", pins_map, image)
+        if not isinstance(where, str):
+            chk.fail(f"{kp}.placement.{image}", f"must be a hypervisor name, not {kind_of(where)}", pins_map, image)
     mon_map = chk.mapping(f["monitor"], f"{kp}.monitor", body, "monitor")
     spec = _monitor_spec()
     mon = chk.fields(mon_map, f"{kp}.monitor", spec)
@@ -501,4 +531,5 @@ def _load_env(chk: Checker, name: str, body: _Mapping, kp: str, known: list[str]
         monitor=MonitorSettings(**{k: (float(v) if isinstance(spec[k][1], float) else v)  # type: ignore[arg-type]
                                    for k, v in mon.items()}),
         source=f"{chk.path}:{body.line}" if body.line else chk.path,
+        placement=tuple((str(k), v) for k, v in pins_map.items()),
     )

@@ -47,7 +47,7 @@ def endpoint_addresses(cfg) -> list[str]:
             provider.endpoint_ready()
         except BootedError as err:
             progress(f"note: {name} hosts cannot reach booted yet: {err}")
-        addresses.append(provider.booted_address())
+        addresses += [a for a in provider.booted_addresses() if a not in addresses]
     return addresses
 
 

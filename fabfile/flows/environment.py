@@ -471,6 +471,21 @@ def stop_image(cfg: Config, env: Environment, image: str) -> None:
     Inventory().remove(image)
 
 
+def forget_lost(cfg: Config, env: Environment, images: list[str]) -> dict:
+    """Images lost with their machine leave the inventory, then the load balancers (that still answer)
+    are pointed at the workers left. Returns the environment's inventory entries after."""
+    inv = Inventory()
+    for image in images:
+        inv.remove(image)
+        progress(f"{image}: lost with the machine running it; out of the inventory")
+    if loadbalancer.loadbalancers(cfg, env):
+        try:
+            loadbalancer.update(cfg, env, service_of(env).port)
+        except BootedError as err:  # their passive checks skip the lost workers meanwhile
+            progress(f"load balancers of {env.name} not updated after the loss: {err}")
+    return {e.image: e for e in inv.hosts(env=env.name)}
+
+
 def pick_min(env: Environment, randomly: bool, rng: random.Random | None = None) -> list[str]:
     """One load balancer and ``min_workers`` workers, in order or at random (an image may be both)."""
     rng = rng or random.Random()

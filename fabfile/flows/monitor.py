@@ -37,7 +37,7 @@ from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError
 from fabfile.core.http import Probe, probe_once
 from fabfile.core.state import atomic_write_json, locked, state_path
-from fabfile.flows import environment
+from fabfile.flows import environment, plans
 from fabfile.hosts.inventory import Inventory
 from fabfile.scaling.policy import (
     ABANDON,
@@ -114,6 +114,9 @@ class EnvironmentWorld:
         machines = {m.name: m for m in environment.provider_of(self.cfg, self.env).list()}
         running = frozenset(w for w in self.env.workers if w in machines and machines[w].running)
         entries = {e.image: e for e in Inventory().hosts(env=self.env.name)}
+        lost = plans.lost_hosts(entries, machines)
+        if lost:
+            entries = environment.forget_lost(self.cfg, self.env, lost)
         lbs = [e for e in entries.values() if "loadbalancers" in e.roles]
         if not lbs:  # the environment was never started, or was stopped: the monitor keeps its hands off
             return Observation(None, running, {}, "no load balancer in the inventory", env_up=False)
@@ -129,7 +132,7 @@ class EnvironmentWorld:
                                               settings.probe_timeout_s)
         if should_stop():
             return None
-        return Observation(sample, running, healthy, why)
+        return Observation(sample, running, healthy, why, lost=frozenset(lost))
 
     def start_worker(self, image: str) -> str:
         return environment.start_worker(self.cfg, self.env, image)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from fabfile.core.errors import BootedError
 from fabfile.hosts.inventory import HostEntry
-from fabfile.providers.base import Machine
+from fabfile.providers.base import UNREACHABLE, Machine
 
 # How the environment's service reaches the workers that don't serve its version yet.
 NOTHING = "nothing"      # every worker already serves it
@@ -108,3 +108,10 @@ def roll(workers: list[str], steps: RollingSteps,
         results.append((image, True, f"{detail} (drained, switched, back in)"))
         report(*results[-1])
     return results
+
+
+def lost_hosts(entries: Mapping[str, HostEntry], known: Mapping[str, Machine]) -> list[str]:
+    """The inventory's images whose machine is lost with the machine running it (a hypervisor that does
+    not answer): they leave the inventory and the load balancers. An image the provider does not list
+    at all stays (that is not proof of its loss: it may belong to another provider's view)."""
+    return sorted(image for image in entries if image in known and known[image].state == UNREACHABLE)

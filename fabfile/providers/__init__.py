@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 from fabfile.core import config as config_mod
 from fabfile.core.errors import UsageError
-from fabfile.providers.base import RUNNING, STOPPED, CloneRecord, Machine, Provider
+from fabfile.providers.base import RUNNING, STOPPED, UNREACHABLE, CloneRecord, Machine, Provider
 
 if TYPE_CHECKING:
     from fabfile.core.config import Config
 
 NAMES = ("virtualbox", "local", "libvirt")
 
-__all__ = ["CloneRecord", "Machine", "Provider", "RUNNING", "STOPPED", "NAMES", "get_provider", "load_config", "settings_specs"]
+__all__ = ["CloneRecord", "Machine", "Provider", "RUNNING", "STOPPED", "UNREACHABLE", "NAMES", "get_provider", "load_config", "settings_specs"]
 
 
 def _check(name: str) -> str:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 RUNNING = "running"
 STOPPED = "poweroff"
+# The machine that runs the image (a hypervisor) does not answer: the image is lost with it until it
+# is started again (elsewhere, where the provider can).
+UNREACHABLE = "unreachable"
 
 
 @dataclass
@@ -93,6 +96,10 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def booted_address(self) -> str:
         """The address at which this provider's hosts reach booted's nginx (the call-home endpoint)."""
+
+    def booted_addresses(self) -> builtins.list[str]:
+        """Every address this provider's hosts call home to (a provider spanning machines may have several)."""
+        return [self.booted_address()]
 
     def endpoint_ready(self) -> None:  # noqa: B027  (an optional hook: most providers need nothing)
         """Make ``booted_address()`` exist on this machine, so booted's nginx can listen there

@@ -59,6 +59,7 @@ class Observation:
     healthy: Mapping[str, bool] = field(default_factory=dict)  # running worker -> passed its health check
     no_data: str = ""  # why ``sample`` is None
     env_up: bool = True  # False: the environment has no load balancer (never started, or stopped): hands off
+    lost: frozenset[str] = frozenset()  # images lost with their machine this tick (out of the inventory now)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,8 @@ class Policy:
     # -- the decision
     def decide(self, now: float, obs: Observation) -> Decision:
         s, st = self.settings, self.state
-        notes: list[str] = []
+        notes: list[str] = [f"{image} was lost with the machine running it; it left the inventory and the "
+                            f"load balancers" for image in sorted(obs.lost)]
         running = self._running = obs.running
 
         # Workers the monitor started but somebody else stopped are no longer its own.

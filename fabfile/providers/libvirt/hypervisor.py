@@ -1,14 +1,20 @@
 """One libvirt connection (a hypervisor), and the local daemons behind ``qemu:///system``.
 
-The provider holds its hypervisors by name. Today there is one (``default``, the configured
-``uri``); several hypervisors over ``qemu+ssh://`` are the next step, and nothing here assumes a
-single one: each VM's record says which hypervisor holds it.
+The provider holds its hypervisors by name (``default``, the configured ``uri``, or the named ones of
+``hypervisors``); each VM's record says which hypervisor holds it.
+
+A hypervisor on another machine can vanish (power, network). libvirt then blocks a call on its open
+connection until TCP gives up (over 38 s measured, docs/multi-hypervisor-lab.md), and a new
+connection until ssh does. So every connection is opened with a timeout, and a remote one sends
+keepalives (libvirt's event loop runs in a thread for them): a dead hypervisor fails a call within
+``KEEPALIVE_INTERVAL_S`` x (``KEEPALIVE_COUNT`` + 1) seconds.
 
 Errors from libvirt become one line naming the hypervisor and what to do.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +37,25 @@ SOCKET = Path("/run/libvirt/libvirt-sock")
 PIDFILES = {"virtlogd": Path("/run/virtlogd.pid"), "libvirtd": Path("/run/libvirtd.pid")}
 
 
+# libvirt's keepalive (libvirt.org "virConnectSetKeepAlive"): a probe every interval, the connection
+# closed after ``count`` unanswered ones.
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 2
+CONNECT_TIMEOUT_S = 15.0
+# After a failed open, calls in this process fail at once for this long instead of each waiting for
+# ssh again (one listing touches a hypervisor several times).
+RETRY_OPEN_AFTER_S = 10.0
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+class HypervisorUnreachable(ProviderError):
+    """A configured hypervisor does not answer: exit 2, as for the rest of environments.yaml."""
+
+    exit_code = 2
+
+
 def bindings():
     """The ``libvirt`` module, or a one-line ProviderError saying how to install it."""
     if libvirt is None:
@@ -40,33 +65,119 @@ def bindings():
     return libvirt
 
 
-class Hypervisor:
-    """A named libvirt connection, opened on first use."""
+def run_event_loop(lv) -> None:
+    """Register libvirt's default event loop and run it in a daemon thread (once per process).
 
-    def __init__(self, name: str, uri: str):
+    Keepalive needs it; it must be registered before the first connection is opened."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        lv.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                lv.virEventRunDefaultImpl()
+
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+class Hypervisor:
+    """A named libvirt connection, opened on first use (with a timeout), reopened after it died."""
+
+    def __init__(self, name: str, uri: str, connect_timeout: float = CONNECT_TIMEOUT_S):
         self.name, self.uri = name, uri
+        self.connect_timeout = connect_timeout
         self._conn = None
+        self._failed: tuple[float, HypervisorUnreachable] | None = None
 
     @property
     def local(self) -> bool:
         return not is_remote_uri(self.uri)
 
     @property
+    def where(self) -> str:
+        return f"hypervisor {self.name} ({self.uri})" if self.name != "default" else f"libvirt {self.uri}"
+
+    @property
     def conn(self):
-        if self._conn is None:
-            lv = bindings()
+        lv = bindings()
+        if self._conn is not None:
             try:
-                self._conn = lv.open(self.uri)
-            except lv.libvirtError as err:
-                raise ProviderError(self.explain_open_failure(err)) from None
+                alive = self._conn.isAlive()
+            except lv.libvirtError:
+                alive = False
+            if not alive:  # closed by a keepalive timeout: the next call opens a new one
+                self.close()
+        if self._conn is None:
+            if self._failed and time.monotonic() - self._failed[0] < RETRY_OPEN_AFTER_S:
+                raise self._failed[1]
+            try:
+                self._conn = self._open(lv)
+            except HypervisorUnreachable as err:
+                self._failed = (time.monotonic(), err)
+                raise
+            self._failed = None
             if self.local and kvm_device_needs_udev_mode():
                 progress("libvirt: /dev/kvm is root-only, so libvirt re-probes QEMU on every call (slow); "
                          "fix: chgrp kvm /dev/kvm; chmod 0660 /dev/kvm")
         return self._conn
 
+    def _open(self, lv):
+        """``lv.open(uri)`` in a thread, given up after ``connect_timeout`` (ssh may wait minutes)."""
+        if not self.local:
+            run_event_loop(lv)
+        outcome: dict = {}
+
+        def target() -> None:
+            try:
+                outcome["conn"] = lv.open(self.uri)
+            except lv.libvirtError as err:
+                outcome["error"] = err
+
+        opener = threading.Thread(target=target, name=f"libvirt-open-{self.name}", daemon=True)
+        opener.start()
+        opener.join(self.connect_timeout)
+        if opener.is_alive():
+            raise HypervisorUnreachable(f"{self.where}: no answer within {self.connect_timeout:g}s")
+        if "error" in outcome:
+            raise HypervisorUnreachable(self.explain_open_failure(outcome["error"]))
+        conn = outcome["conn"]
+        if not self.local:
+            try:
+                conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            except lv.libvirtError as err:
+                conn.close()
+                raise HypervisorUnreachable(f"{self.where}: {err.get_error_message()}") from None
+        return conn
+
+    def check(self) -> str | None:
+        """None if the hypervisor answers now, else why not (one line naming it)."""
+        lv = bindings()
+        try:
+            self.conn.getLibVersion()
+        except HypervisorUnreachable as err:
+            return str(err)
+        except lv.libvirtError as err:
+            self.close()
+            return f"{self.where}: {err.get_error_message()}"
+        return None
+
+    def failure(self, err) -> "HypervisorUnreachable":
+        """A libvirt error of a call on this hypervisor as one line; the connection is dropped if dead."""
+        message = err.get_error_message() if hasattr(err, "get_error_message") else str(err)
+        try:
+            alive = self._conn is not None and self._conn.isAlive()
+        except Exception:  # noqa: BLE001 - a dead connection may raise anything here
+            alive = False
+        if not alive:
+            self.close()
+        return HypervisorUnreachable(f"{self.where}: {message}")
+
     def explain_open_failure(self, err) -> str:
         message = err.get_error_message() or str(err)
-        where = f"libvirt {self.uri}" + (f" (hypervisor {self.name})" if self.name != "default" else "")
+        where = self.where
         if self.uri.startswith("qemu:///"):
             if not daemon_installed():
                 return f"{where}: libvirtd is not installed: {INSTALL_DAEMON}"

@@ -29,6 +29,7 @@ from fabfile.core.errors import ProviderError
 from fabfile.core.output import progress
 from fabfile.core.state import atomic_write, locked
 from fabfile.hosts import callhome
+from fabfile.hosts.provision import USER_SETUP
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
 RECIPE_VERSION = "2"
@@ -130,10 +131,21 @@ class BaseImage:
         return {self.disk.name: self.disk, self.kernel.name: self.kernel, self.initrd.name: self.initrd}
 
 
+# The VM's user and key, applied by booted-seed at first boot with the seed's values as arguments:
+# user, public key, hostname. The libvirt provider's own (the local provider provisions its hosts
+# from files in their overlay, a different interface: sharing its script broke VMs once).
+VM_PROVISION = r"""
+set -eu
+user="$1"; pubkey="$2"; hostname="$3"
+echo "$hostname" > /etc/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$hostname" > /etc/hosts
+""" + USER_SETUP
+
+
 def base_digest(rootfs_marker: str, disk_mb: int) -> str:
     """Names the base image: changes when the local base, this recipe or the disk size change."""
     text = json.dumps({"rootfs": rootfs_marker, "recipe": RECIPE_VERSION, "customize": VM_CUSTOMIZE,
-                       "seed": SEED_SCRIPT + SEED_UNIT, "disk_mb": disk_mb,
+                       "seed": SEED_SCRIPT + SEED_UNIT + VM_PROVISION, "disk_mb": disk_mb,
                        "vm": SSHD_DROPIN + SSHD_CONFIG + MODPROBE_BLACKLIST,
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -144,12 +156,30 @@ def base_files(cache: Path, digest: str) -> BaseImage:
     return BaseImage(digest, cache / f"{stem}.qcow2", cache / f"{stem}.vmlinuz", cache / f"{stem}.initrd")
 
 
+# A cached base of another recipe that nobody used for this long is deleted by the next build.
+UNUSED_BASE_S = 2 * 86400
+
+
+def _unused(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > UNUSED_BASE_S
+    except OSError:
+        return False
+
+
+# The longest a base build may take: its steps' own limits (copy, customise, mkfs, convert) added up.
+BUILD_TIMEOUT_S = 600 + 900 + 900 + 600
+
+
 def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, provision_script: str) -> BaseImage:
     """Build the VM base image from the local provider's root file system unless it is cached."""
     base = base_files(cache, base_digest(rootfs_marker, disk_mb))
     cache.mkdir(parents=True, exist_ok=True)
-    with locked("libvirt-base-image"):
+    # parallel builds of one environment wait here while one of them builds it (minutes, loaded)
+    with locked("libvirt-base-image", timeout=BUILD_TIMEOUT_S):
         if all(p.exists() for p in base.names.values()):
+            for f in base.names.values():
+                os.utime(f)  # in use: see UNUSED_BASE_S
             return base
         for tool in ("mkfs.ext4", "qemu-img", "systemd-nspawn"):
             if localcmd.which(tool) is None and not Path("/usr/sbin", tool).exists():
@@ -180,9 +210,11 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
                 os.chmod(src, 0o644)
                 os.replace(src, dest)
             progress(f"libvirt: VM base image ready in {time.monotonic() - started:.0f}s: {base.disk}")
-            # older recipes' files: pools hold their own copies (or hard links), so nothing boots from these
+            # other recipes' files: pools hold their own copies (or hard links), so nothing boots from these;
+            # but the cache is shared (BOOTED_IMAGE_CACHE) by booteds of other versions, which use theirs:
+            # only bases none of them has used for UNUSED_BASE_S go
             for old in cache.glob("booted-base-*"):
-                if old.name.split(".")[0] != f"booted-base-{base.digest}":
+                if old.name.split(".")[0] != f"booted-base-{base.digest}" and _unused(old):
                     old.unlink(missing_ok=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)

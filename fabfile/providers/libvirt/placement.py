@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from fabfile.core.config import REQUIRED, Checker, positive, valid_ifname
+from fabfile.core.config import REQUIRED, Checker, positive, valid_ifname, valid_ipv4
 from fabfile.core.errors import BootedError, ConfigError
 
 # The hypervisor the provider uses when none are configured: its ``uri`` setting.
@@ -55,6 +55,7 @@ class HypervisorSpec:
     capacity_vms: int | None = None  # VMs it may run (of all environments); None: no limit
     memory_mb: int | None = None  # memory its VMs may take together; None: no limit
     bridge: str | None = None  # its bridge onto the shared network; None: the provider's ``bridge``
+    callhome_address: str | None = None  # where its VMs reach booted's nginx; None: the provider's
 
     @property
     def remote(self) -> bool:
@@ -103,6 +104,7 @@ HYPERVISOR_SETTINGS = {
     "capacity_vms": ((int,), None, positive),
     "memory_mb": ((int,), None, _at_least(256)),
     "bridge": ((str,), None, valid_ifname),
+    "callhome_address": ((str,), None, valid_ipv4),
 }
 
 
@@ -126,7 +128,8 @@ def parse_hypervisors(chk: Checker, value: Any, keypath: str, parent: Any = None
         if f["uri"] in by_uri:
             chk.fail(f"{kp}.uri", f"is also the uri of hypervisor {by_uri[f['uri']]!r}", body, "uri")
         by_uri[f["uri"]] = name
-        out[name] = HypervisorSpec(name, f["uri"], f["capacity_vms"], f["memory_mb"], f["bridge"])
+        out[name] = HypervisorSpec(name, f["uri"], f["capacity_vms"], f["memory_mb"], f["bridge"],
+                                   f["callhome_address"])
     return out
 
 
@@ -185,7 +188,7 @@ def hypervisors_from_settings(settings: Mapping[str, Any]) -> dict[str, Hypervis
     configured = settings.get("hypervisors")
     if configured:
         return {name: HypervisorSpec(name, body["uri"], body.get("capacity_vms"), body.get("memory_mb"),
-                                     body.get("bridge"))
+                                     body.get("bridge"), body.get("callhome_address"))
                 for name, body in configured.items()}
     return {DEFAULT_HYPERVISOR: HypervisorSpec(DEFAULT_HYPERVISOR, settings["uri"])}
 

@@ -13,37 +13,95 @@
   a static address per VM from the subnet, written to its seed disk. VMs call home to booted's
   nginx on the gateway address; the inventory learns their addresses from there.
 
-Hypervisors are held by name (today one, ``default``); each VM's record says where it lives, so an
-instance can hold several connections later.
+Several machines: ``hypervisors`` names libvirt connections (``qemu+ssh://root@hv1/system``); each VM
+is placed on one by placement.py's rules when it is first built (an environment's ``placement`` pins
+images), and booted's state (``state/libvirt/vms.json``) records where, with its address and MAC, so
+the choice is stable across runs and known while that hypervisor does not answer. A VM on a
+hypervisor that does not answer is ``unreachable``; starting it builds it afresh on a hypervisor that
+answers (same name, address and MAC, a new host key). Its old domain, if that hypervisor returns, is
+stale and removed when booted next builds or starts a VM there.
 """
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import secrets
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fabfile.core import names, ssh
-from fabfile.core.errors import ProviderError, WaitTimeout
+from fabfile.core.errors import BootedError, ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
-from fabfile.core.state import locked, state_dir
+from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
 from fabfile.hosts import callhome
-from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
+from fabfile.providers.base import RUNNING, STOPPED, UNREACHABLE, Machine, Provider
 from fabfile.providers.libvirt import domainxml, hypervisor, image
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
-from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
-from fabfile.providers.libvirt.placement import DEFAULT_HYPERVISOR, hypervisors_from_settings
+from fabfile.providers.libvirt.hypervisor import Hypervisor, HypervisorUnreachable, bindings
+from fabfile.providers.libvirt.placement import (
+    DEFAULT_HYPERVISOR,
+    HypervisorSpec,
+    Placement,
+    PlacementError,
+    environment_vms,
+    hypervisors_from_settings,
+    place,
+    valid_hypervisor_name,
+)
 from fabfile.providers.local import network as localnet
-from fabfile.providers.local.provider import HOST_PROVISION, LocalProvider, image_cache_dir
+from fabfile.providers.local.provider import LocalProvider, image_cache_dir
 
 
 def owner_tag() -> str:
     """This state dir's tag in domain names and records."""
     return hashlib.sha1(str(state_dir()).encode()).hexdigest()[:8]
+
+
+class VmRecords:
+    """Where each VM of this state dir lives: ``state/libvirt/vms.json`` {image: {hypervisor, record}}.
+
+    Written under the ``libvirt-hosts`` lock when a VM is placed (before its volumes are made, so
+    parallel builds see each other's choice) and when it is deleted."""
+
+    def __init__(self):
+        self.path = state_path("libvirt", "vms.json")
+
+    def load(self) -> dict[str, tuple[str, HostRecord]]:
+        data = read_json(self.path, {})
+        out = {}
+        if isinstance(data, dict):
+            for image, entry in data.items():
+                try:
+                    hv, record = str(entry["hypervisor"]), HostRecord(**entry["record"])
+                    # its values go into domain XML, seed disks and names: only what booted writes
+                    names.check("image", record.image)
+                    domainxml.check_mac(record.mac)
+                    ipaddress.IPv4Address(record.address)
+                except (KeyError, TypeError, ValueError, BootedError):
+                    continue  # an entry booted did not write: the domains still say where VMs are
+                if image == record.image and valid_hypervisor_name(hv) is None:
+                    out[image] = (hv, record)
+        return out
+
+    def save(self, records: dict[str, tuple[str, HostRecord]]) -> None:
+        atomic_write_json(self.path, {image: {"hypervisor": hv, "record": record.__dict__}
+                                      for image, (hv, record) in sorted(records.items())}, mode=0o600)
+
+    def put(self, hv: str, record: HostRecord) -> None:
+        records = self.load()
+        records[record.image] = (hv, record)
+        self.save(records)
+
+    def drop(self, image: str) -> None:
+        records = self.load()
+        if records.pop(image, None) is not None:
+            self.save(records)
 
 
 def _states():
@@ -60,10 +118,13 @@ class LibvirtProvider(Provider):
 
     def __init__(self, config):
         super().__init__(config)
-        self.hypervisors = {name: Hypervisor(name, spec.uri)
-                            for name, spec in hypervisors_from_settings(self.settings).items()}
+        self.specs: dict[str, HypervisorSpec] = hypervisors_from_settings(self.settings)
+        timeout = float(self.settings.get("connect_timeout_s") or hypervisor.CONNECT_TIMEOUT_S)
+        self.hypervisors = {name: Hypervisor(name, spec.uri, timeout) for name, spec in self.specs.items()}
         self._pools: dict[str, object] = {}
         self._base: image.BaseImage | None = None
+        self.records = VmRecords()
+        self._noted_down: set[str] = set()
 
     # ------------------------------------------------------------------ settings
     @property
@@ -82,7 +143,17 @@ class LibvirtProvider(Provider):
         return f"booted-{owner_tag()}-{names.check('image', image_name)}"
 
     def hypervisor(self, name: str = DEFAULT_HYPERVISOR) -> Hypervisor:
+        if name not in self.hypervisors:
+            raise ProviderError(f"hypervisor {name!r} is not configured (known: {', '.join(self.hypervisors)})")
         return self.hypervisors[name]
+
+    def bridge_on(self, hv: Hypervisor) -> str:
+        """The bridge VMs on ``hv`` join: its own ``bridge`` setting, else the provider's."""
+        return self.specs[hv.name].bridge or self.bridge
+
+    def callhome_address_on(self, hv: Hypervisor) -> str:
+        """Where VMs on ``hv`` reach booted's nginx."""
+        return self.specs[hv.name].callhome_address or self.booted_address()
 
     def installed(self) -> bool:
         """Without the bindings, or with no libvirtd answering for a local hypervisor, booted runs no VM
@@ -92,12 +163,22 @@ class LibvirtProvider(Provider):
         return any(not hv.local or hypervisor.SOCKET.exists() for hv in self.hypervisors.values())
 
     def booted_address(self) -> str:
-        """Where VMs reach booted's nginx: this machine's address on the bridge (the subnet's gateway)."""
-        return self.subnet.gateway
+        """Where VMs reach booted's nginx: ``callhome_address``, else this machine's address on the
+        subnet (its gateway; on several machines, the controller's address on the shared network)."""
+        return self.settings.get("callhome_address") or self.subnet.gateway
+
+    def booted_addresses(self) -> list[str]:
+        """Every address VMs call home to (a hypervisor may name its own ``callhome_address``)."""
+        out = [self.booted_address()]
+        for spec in self.specs.values():
+            if spec.callhome_address and spec.callhome_address not in out:
+                out.append(spec.callhome_address)
+        return out
 
     def endpoint_ready(self) -> None:
-        """booted's bridge, with the gateway address nginx listens on (on this machine's daemon)."""
-        if self.hypervisor().local:
+        """booted's bridge, with the gateway address nginx listens on, when VMs run on this machine's
+        daemon. For remote hypervisors the user's LAN bridge holds this machine's address (README)."""
+        if any(hv.local for hv in self.hypervisors.values()):
             localnet.ensure_bridge(self.bridge, self.subnet)
 
     # ------------------------------------------------------------------ storage
@@ -108,7 +189,10 @@ class LibvirtProvider(Provider):
         lv = bindings()
         with locked("libvirt-pool"):  # VMs are built in parallel; one defines the pool
             if hv.name not in self._pools:
-                self._pools[hv.name] = self._open_pool(hv, lv)
+                try:
+                    self._pools[hv.name] = self._open_pool(hv, lv)
+                except lv.libvirtError as err:
+                    raise hv.failure(err) from None
             return self._pools[hv.name]
 
     def _open_pool(self, hv: Hypervisor, lv):
@@ -121,6 +205,11 @@ class LibvirtProvider(Provider):
             if hv.local:
                 # qemu runs as its own user: it must be able to walk into the storage dir
                 os.makedirs(path, mode=0o711, exist_ok=True)
+            else:
+                try:
+                    pool.build(lv.VIR_STORAGE_POOL_BUILD_NO_OVERWRITE)  # mkdir on the hypervisor
+                except lv.libvirtError:
+                    pass  # it exists
         if not pool.isActive():
             try:
                 pool.create(0)
@@ -196,21 +285,49 @@ class LibvirtProvider(Provider):
             rootfs = local.ensure_image(refresh=False)
             cache = image_cache_dir() / local.suite / "libvirt"
             self._base = image.ensure_base(rootfs, local.image_marker(), cache, int(self.settings["disk_mb"]),
-                                           HOST_PROVISION)
+                                           image.VM_PROVISION)
         return self._base
 
+    def base_names(self) -> image.BaseImage:
+        """The current base image's names (its digest), without building it."""
+        if self._base is not None:
+            return self._base
+        local = LocalProvider(self.config)
+        local.ensure_image(refresh=False)
+        return image.base_files(image_cache_dir() / local.suite / "libvirt",
+                                image.base_digest(local.image_marker(), int(self.settings["disk_mb"])))
+
     def ensure_base_volumes(self, hv: Hypervisor) -> dict[str, str]:
-        """The base image's volumes on ``hv`` (copied there if missing): role -> path there."""
-        base = self.base_image()
+        """The base image's volumes on ``hv`` (uploaded there unless it has this exact base): role -> path.
+
+        The volumes' names carry the base's digest, and a marker volume ``<base>.complete`` is made
+        only after all three arrived whole: a hypervisor has this base iff it has the marker (an
+        upload cut short leaves no marker, so it is redone)."""
+        lv = bindings()
+        base = self.base_names()  # a hypervisor holding this base needs no copy of it here
+        marker = f"booted-base-{base.digest}.complete"
         paths = {}
-        with locked("libvirt-base-volumes"):  # VMs are built in parallel; one copies the base
-            for role, src in (("disk", base.disk), ("kernel", base.kernel), ("initrd", base.initrd)):
-                vol = self._volume(hv, src.name)
-                if vol is None:  # the name carries the digest: a present volume is this base (copies are atomic)
-                    progress(f"libvirt: copying {src.name} to the storage pool on {hv.uri}")
-                    vol = self._store_file(hv, src, src.name)
-                paths[role] = vol.path()
-            self._drop_stale_bases(hv, keep=base.digest)
+        # VMs are built in parallel; one copies the base to each hypervisor (two hypervisors at once)
+        with locked(f"libvirt-base-volumes-{hv.name}", timeout=1800):
+            try:
+                complete = self._volume(hv, marker) is not None
+                if not complete:
+                    base = self.base_image()
+                files = (("disk", base.disk), ("kernel", base.kernel), ("initrd", base.initrd))
+                for role, src in files:
+                    vol = self._volume(hv, src.name)
+                    if vol is None or not complete:
+                        started = time.monotonic()
+                        progress(f"libvirt: copying {src.name} ({src.stat().st_size // 2**20} MB) to the storage "
+                                 f"pool on {hv.where}")
+                        vol = self._store_file(hv, src, src.name)
+                        progress(f"libvirt: {src.name} on {hv.name} in {time.monotonic() - started:.1f}s")
+                    paths[role] = vol.path()
+                if not complete:
+                    self.pool(hv).createXML(domainxml.render_raw_volume(marker, 0), 0)
+                self._drop_stale_bases(hv, keep=base.digest)
+            except lv.libvirtError as err:
+                raise hv.failure(err) from None
         return paths
 
     def _drop_stale_bases(self, hv: Hypervisor, keep: str) -> None:
@@ -232,29 +349,50 @@ class LibvirtProvider(Provider):
                     pass
 
     # ------------------------------------------------------------------ records
-    def _domains(self):
-        """(hypervisor, domain, record) for every VM of this state dir, on every hypervisor."""
+    def _scan(self, only: str | None = None):
+        """(found, down): ``found`` = (hypervisor, domain, record) for every VM of this state dir on every
+        hypervisor that answers (one per image: the one booted's records place it on); ``down`` = {name:
+        why} for hypervisors that do not answer. ``only``: scan that hypervisor alone."""
         lv = bindings()
         tag = owner_tag()
-        out = []
+        placed = {image: hv for image, (hv, _) in self.records.load().items()}
+        found, down = {}, {}
         for hv in self.hypervisors.values():
+            if only is not None and hv.name != only:
+                continue
             try:
                 domains = hv.conn.listAllDomains(0)
-            except lv.libvirtError as err:
-                raise ProviderError(f"libvirt {hv.uri}: {err.get_error_message()}") from None
+            except (HypervisorUnreachable, lv.libvirtError) as err:
+                failure = err if isinstance(err, HypervisorUnreachable) else hv.failure(err)
+                if len(self.hypervisors) == 1:
+                    raise failure from None  # one machine: nothing to fail over to
+                down[hv.name] = str(failure)
+                continue
             for dom in domains:
                 try:
                     text = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, domainxml.NAMESPACE, 0)
                 except lv.libvirtError:
                     continue  # not booted's, or gone between the list and the lookup
                 record = HostRecord.from_xml(text)
-                if record and record.owner == tag:
-                    out.append((hv, dom, record))
-        return out
+                if not record or record.owner != tag:
+                    continue
+                if placed.get(record.image, hv.name) != hv.name:
+                    continue  # stale: the VM was rebuilt elsewhere while this hypervisor was away
+                found[record.image] = (hv, dom, record)
+        for name in down:
+            if name not in self._noted_down:
+                self._noted_down.add(name)
+                progress(f"libvirt: {down[name]}; its VMs are {UNREACHABLE}")
+        return list(found.values()), down
+
+    def _domains(self):
+        return self._scan()[0]
 
     def _find(self, image_name: str):
         names.check("image", image_name)
-        for hv, dom, record in self._domains():
+        recorded = self.records.load().get(image_name)
+        found, _ = self._scan(only=recorded[0] if recorded and recorded[0] in self.hypervisors else None)
+        for hv, dom, record in found:
             if record.image == image_name:
                 return hv, dom, record
         return None
@@ -262,14 +400,18 @@ class LibvirtProvider(Provider):
     def _require(self, image_name: str):
         found = self._find(image_name)
         if found is None:
+            recorded = self.records.load().get(image_name)
+            if recorded:
+                why = self.hypervisor(recorded[0]).check() if recorded[0] in self.hypervisors else None
+                if why:
+                    raise HypervisorUnreachable(f"{image_name}: its hypervisor does not answer: {why}")
             raise ProviderError("no such libvirt image (build it with `fab image-build --image NAME`)", image=image_name)
         return found
 
-    def _allocate(self, image_name: str) -> tuple[str, str]:
-        """A free address and MAC (call under the hosts lock)."""
-        taken = self._domains()
-        used = {r.address for _, _, r in taken}
-        macs = {r.mac for _, _, r in taken}
+    def _allocate(self, image_name: str, taken: list[HostRecord]) -> tuple[str, str]:
+        """A free address and MAC (call under the hosts lock): not a VM's, nor a hypervisor's own."""
+        used = {r.address for r in taken} | self._hypervisor_addresses()
+        macs = {r.mac for r in taken}
         free = [a for a in self.subnet.host_addresses() if a not in used]
         if not free:
             raise ProviderError(f"no free address left in {self.subnet.network}", image=image_name)
@@ -279,21 +421,103 @@ class LibvirtProvider(Provider):
             if mac not in macs:
                 return free[0], mac
 
+    def _hypervisor_addresses(self) -> set[str]:
+        return {urlsplit(spec.uri).hostname or "" for spec in self.specs.values()} | set(self.booted_addresses())
+
+    # ------------------------------------------------------------------ placement
+    def plan(self, down: set[str] | frozenset[str] = frozenset()) -> Placement:
+        """Where every VM of this provider's environments runs (placement.place; pure).
+
+        Current places come from booted's records (and the domains that answer); ``down``: the
+        hypervisors that do not answer now."""
+        records = self.records.load()
+        current = {image: hv for image, (hv, _) in records.items()}
+        vms, pins = [], {}
+        memory = int(self.settings["memory_mb"])
+        for env in self.config.environments.values():
+            if env.provider != self.name:
+                continue
+            vms += environment_vms(env.images, env.loadbalancers, env.workers, env.name, memory)
+            pins.update(env.pins())
+        known = {vm.image for vm in vms}
+        vms += environment_vms([i for i in current if i not in known], [], [], "", memory)
+        return place(self.specs, vms, current, pins, down)
+
+    def down_hypervisors(self) -> dict[str, str]:
+        """{name: why} for the configured hypervisors that do not answer now."""
+        out = {}
+        for hv in self.hypervisors.values():
+            why = hv.check()
+            if why:
+                out[hv.name] = why
+        return out
+
+    def _place(self, image_name: str) -> Hypervisor:
+        """The hypervisor a new (or lost) VM goes to (call under the hosts lock)."""
+        down = self.down_hypervisors()
+        if len(self.hypervisors) == 1 and down:
+            raise HypervisorUnreachable(next(iter(down.values())))
+        plan = self.plan(set(down))
+        if image_name not in plan.where:
+            why = plan.unplaced.get(image_name, "not in any environment")
+            raise PlacementError(f"{image_name}: cannot be placed: {why}")
+        return self.hypervisor(plan.where[image_name])
+
+    def _remove_stale(self, hv: Hypervisor) -> None:
+        """Undefine this state dir's domains on ``hv`` that booted's records place elsewhere (a VM
+        rebuilt on another hypervisor while this one was away), if they are shut off."""
+        lv = bindings()
+        tag = owner_tag()
+        placed = {image: where for image, (where, _) in self.records.load().items()}
+        try:
+            domains = hv.conn.listAllDomains(0)
+        except (lv.libvirtError, HypervisorUnreachable):
+            return
+        for dom in domains:
+            try:
+                record = HostRecord.from_xml(dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, domainxml.NAMESPACE, 0))
+                if not record or record.owner != tag or placed.get(record.image, hv.name) == hv.name:
+                    continue
+                if dom.isActive():
+                    progress(f"libvirt: {record.image} runs on {hv.name} but booted placed it on "
+                             f"{placed[record.image]}; stopping the stale copy")
+                    dom.destroy()
+                self._undefine_with_volumes(hv, dom, record.image)
+                progress(f"libvirt: removed the stale copy of {record.image} from {hv.name}")
+            except lv.libvirtError:
+                continue
+
     # ------------------------------------------------------------------ provider interface
     def build(self, image_name: str, env) -> Machine:
-        hv = self.hypervisor()
         found = self._find(image_name)
         if found and found[1].isActive():
             raise ProviderError("is running; stop it before rebuilding", image=image_name)
-        base = self.ensure_base_volumes(hv)
+        old = None
         with locked("libvirt-hosts"):
             if found:
+                hv = found[0]
                 record = replace(found[2], env=env.name if env else found[2].env)
             else:
-                address, mac = self._allocate(image_name)
-                record = HostRecord(image=image_name, owner=owner_tag(), address=address, mac=mac,
-                                    env=env.name if env else "", seed_id=str(uuid.uuid4()))
+                records = self.records.load()
+                hv = self._place(image_name)
+                old = records.get(image_name)
+                if old:  # lost with its hypervisor: the same identity on another one
+                    record = replace(old[1], env=env.name if env else old[1].env)
+                else:
+                    address, mac = self._allocate(image_name, [r for _, r in records.values()]
+                                                  + [r for _, _, r in self._domains()])
+                    record = HostRecord(image=image_name, owner=owner_tag(), address=address, mac=mac,
+                                        env=env.name if env else "", seed_id=str(uuid.uuid4()))
+            self.records.put(hv.name, record)  # placed: parallel builds see it
+        self._remove_stale(hv)
+        try:
+            base = self.ensure_base_volumes(hv)
             self._define(hv, record, base, overlay_from=None, env=env, uuid_=found[1].UUIDString() if found else "")
+        except BaseException:
+            if not found and not old and not self._find(image_name):
+                with locked("libvirt-hosts"):
+                    self.records.drop(image_name)  # not built: not placed
+            raise
         return self._machine(hv, self._require(image_name)[1], record)
 
     def clone(self, source: str, new: str, env) -> Machine:
@@ -305,11 +529,17 @@ class LibvirtProvider(Provider):
             raise ProviderError("already exists", image=new)
         base = self.ensure_base_volumes(hv)
         with locked("libvirt-hosts"):
-            address, mac = self._allocate(new)
+            records = self.records.load()
+            address, mac = self._allocate(new, [r for _, r in records.values()] + [r for _, _, r in self._domains()])
             record = HostRecord(image=new, owner=owner_tag(), address=address, mac=mac,
                                 env=env.name if env else src.env, seed_id=str(uuid.uuid4()))
+            self.records.put(hv.name, record)  # a clone stays with its source's disk
             src_disk = self._volume(hv, f"{self.domain_name(source)}.qcow2")
-            self._define(hv, record, base, overlay_from=src_disk, env=env)
+            try:
+                self._define(hv, record, base, overlay_from=src_disk, env=env)
+            except BaseException:
+                self.records.drop(new)
+                raise
         return self._machine(hv, self._require(new)[1], record)
 
     def _define(self, hv: Hypervisor, record: HostRecord, base: dict[str, str], overlay_from, env,
@@ -334,7 +564,7 @@ class LibvirtProvider(Provider):
             plan = DomainPlan(
                 name=dom_name, uuid=uuid_, domain_type=self.domain_type(hv), memory_mb=int(self.settings["memory_mb"]),
                 cpus=int(self.settings["cpus"]), kernel=base["kernel"], initrd=base["initrd"], disk=overlay.path(),
-                seed=seed.path(), bridge=self.bridge, mac=record.mac,
+                seed=seed.path(), bridge=self.bridge_on(hv), mac=record.mac,
                 console_log=str(self.storage_dir / f"{dom_name}.console.log"), record=record,
                 tcg_cache_mb=int(self.settings["tcg_cache_mb"]),
             )
@@ -345,7 +575,7 @@ class LibvirtProvider(Provider):
                     vol.delete(0)
                 except lv.libvirtError:
                     pass
-            raise ProviderError(f"libvirt {hv.uri}: {err.get_error_message()}", image=record.image) from None
+            raise ProviderError(f"{hv.where}: {err.get_error_message()}", image=record.image) from None
 
     def _copy_overlay(self, hv: Hypervisor, source, name: str, xml: str):
         """A copy of a stopped VM's disk: on this machine a copy of its overlay file (a few MB, still
@@ -368,7 +598,8 @@ class LibvirtProvider(Provider):
         conf = ""
         if env is not None:
             callhome.new_host_key(env.name, record.image)  # a rebuilt VM must not keep its old key
-            conf = callhome.host_config(env.name, record.image, self.callhome_url())
+            conf = callhome.host_config(env.name, record.image, callhome.callhome_url(
+                self.callhome_address_on(hv), self.config.nginx["port"]))
         hostname = names.hostname_for(record.image)
         host_key, host_key_pub = image.new_host_key(hostname)
         seed = image.Seed(
@@ -391,7 +622,16 @@ class LibvirtProvider(Provider):
 
     def start(self, image_name: str) -> Machine:
         lv = bindings()
-        hv, dom, record = self._require(image_name)
+        found = self._find(image_name)
+        if found is None:
+            recorded = self.records.load().get(image_name)
+            if recorded and recorded[0] in self.hypervisors and self.hypervisor(recorded[0]).check():
+                # its hypervisor is gone: build it afresh where placement puts it now
+                self.build(image_name, self.config.image_env(image_name))
+                progress(f"{image_name}: rebuilt on {self.records.load()[image_name][0]} "
+                         f"(its hypervisor {recorded[0]} does not answer)")
+            found = self._require(image_name)
+        hv, dom, record = found
         if dom.isActive():
             return self._machine(hv, dom, record)
         if hv.local:
@@ -407,7 +647,13 @@ class LibvirtProvider(Provider):
 
     def stop(self, image_name: str, force: bool = False) -> Machine:
         lv = bindings()
-        hv, dom, record = self._require(image_name)
+        found = self._find(image_name)
+        if found is None:
+            lost = self._lost(image_name)
+            if lost is not None:  # its hypervisor is gone, and it with it
+                return lost
+            found = self._require(image_name)
+        hv, dom, record = found
         if not dom.isActive():
             return self._machine(hv, dom, record)
         timeout = float(self.settings["stop_timeout_s"])
@@ -430,10 +676,16 @@ class LibvirtProvider(Provider):
         return self._machine(hv, dom, record)
 
     def delete(self, image_name: str) -> None:
-        lv = bindings()
         hv, dom, record = self._require(image_name)
         if dom.isActive():
             raise ProviderError("is running; stop it first", image=image_name)
+        self._undefine_with_volumes(hv, dom, image_name)
+        with locked("libvirt-hosts"):
+            self.records.drop(image_name)
+        ssh.forget(record.address)
+
+    def _undefine_with_volumes(self, hv: Hypervisor, dom, image_name: str) -> None:
+        lv = bindings()
         facts = domainxml.parse_domain(dom.XMLDesc(0))
         try:
             dom.undefineFlags(lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
@@ -450,10 +702,28 @@ class LibvirtProvider(Provider):
                     Path(path).unlink(missing_ok=True)
         if hv.local and facts.console_log:
             Path(facts.console_log).unlink(missing_ok=True)
-        ssh.forget(record.address)
 
     def list(self) -> list[Machine]:
-        return [self._machine(hv, dom, record) for hv, dom, record in self._domains()]
+        found, down = self._scan()
+        machines = [self._machine(hv, dom, record) for hv, dom, record in found]
+        listed = {m.name for m in machines}
+        for image_name, (where, record) in self.records.load().items():
+            if image_name not in listed and where in down:
+                machines.append(self._lost_machine(where, record, down[where]))
+        return machines
+
+    def _lost(self, image_name: str) -> Machine | None:
+        recorded = self.records.load().get(image_name)
+        if not recorded or recorded[0] not in self.hypervisors:
+            return None
+        why = self.hypervisor(recorded[0]).check()
+        return self._lost_machine(recorded[0], recorded[1], why) if why else None
+
+    def _lost_machine(self, where: str, record: HostRecord, why: str) -> Machine:
+        return Machine(name=record.image, provider=self.name, state=UNREACHABLE, macs=[record.mac],
+                       addresses=[record.address],
+                       detail={"env": record.env or None, "hypervisor": where, "domain": self.domain_name(record.image),
+                               "console": "", "taps": [], "unreachable": why})
 
     # ------------------------------------------------------------------ helpers
     def _machine(self, hv: Hypervisor, dom, record: HostRecord) -> Machine:

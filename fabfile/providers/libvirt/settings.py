@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabfile.core.config import positive, valid_ifname, valid_network
-from fabfile.providers.libvirt.placement import valid_uri
+from fabfile.core.config import positive, valid_ifname, valid_ipv4, valid_network
+from fabfile.providers.libvirt.placement import check_hypervisors, valid_uri
 
 
 def valid_directory(value: Any) -> str | None:
@@ -18,6 +18,11 @@ def at_least(minimum: int):
 
 SETTINGS = {
     "uri": ((str,), "qemu:///system", valid_uri),
+    # several machines: {name: {uri, capacity_vms, memory_mb, bridge, callhome_address}} (replaces uri)
+    "hypervisors": ((dict,), None, check_hypervisors),
+    # where VMs reach booted's nginx; "": this machine's address on the subnet (its gateway)
+    "callhome_address": ((str,), "", lambda v: None if v == "" else valid_ipv4(v)),
+    "connect_timeout_s": ((int, float), 15, positive),  # a hypervisor that does not answer by then is down
     # kvm where the CPU has vmx/svm; else qemu (TCG: software emulation)
     "domain_type": ((str,), "auto", lambda v: None if v in ("auto", "kvm", "qemu") else "must be auto, kvm or qemu"),
     "cpus": ((int,), 1, positive),

@@ -33,6 +33,7 @@ from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
 from fabfile.hosts import callhome
+from fabfile.hosts.provision import USER_SETUP
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
 from fabfile.providers.local import containment
 from fabfile.providers.local import network as localnet
@@ -81,17 +82,7 @@ HOST_PROVISION = r"""
 set -eu
 dir=/etc/booted/provision
 user=$(cat "$dir/user"); pubkey=$(cat "$dir/authorized_key")
-if ! id -u "$user" >/dev/null 2>&1; then useradd -m -s /bin/bash -U "$user"; fi
-home=$(getent passwd "$user" | cut -d: -f6)
-install -d -m 700 -o "$user" -g "$user" "$home/.ssh"
-printf '%s\n' "$pubkey" > "$home/.ssh/authorized_keys"
-chown "$user:$user" "$home/.ssh/authorized_keys"; chmod 600 "$home/.ssh/authorized_keys"
-printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$user" > /etc/sudoers.d/booted
-chmod 440 /etc/sudoers.d/booted
-install -d -m 700 /root/.ssh
-printf '%s\n' "$pubkey" > /root/.ssh/authorized_keys
-chmod 600 /root/.ssh/authorized_keys
-rm -rf "$dir"
+""" + USER_SETUP + r"""rm -rf "$dir"
 """
 PROVISION_UNIT = """[Unit]
 Description=booted: this host's login user and SSH key (first boot)
