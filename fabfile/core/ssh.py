@@ -8,24 +8,36 @@
   no foreign identity files, no proxy), no ssh agent, no fabric/invoke config files; port 22.
 
 Remote commands are argument lists; ``run`` quotes every item with ``shlex.quote``.
+
+paramiko and fabric are imported by the functions that need them, not with this module: most tasks
+(listing, discovery, probing) never open an SSH connection, and importing the two costs about 0.1 s
+of every ``fab`` run (README, "What users wait for besides the deploy").
 """
 from __future__ import annotations
 
 import base64
+import functools
+import io
 import os
 import shlex
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import paramiko
-from fabric import Config as FabricConfig
-from fabric import Connection
+from typing import TYPE_CHECKING, Any
 
 from fabfile.core import localcmd
 from fabfile.core.errors import BootedError, HostError
 from fabfile.core.localcmd import CommandResult
 from fabfile.core.state import atomic_write, locked, state_path
+
+if TYPE_CHECKING:
+    import paramiko
+    from fabric import Connection
+
+    _Policy = paramiko.MissingHostKeyPolicy
+else:
+    _Policy = object  # paramiko calls the policy's missing_host_key; it needs no base class
 
 DEFAULT_USER = "booted"
 SSH_PORT = 22
@@ -56,6 +68,8 @@ def known_hosts_path() -> Path:
 
 
 def _load_pins(path: Path) -> paramiko.HostKeys:
+    import paramiko
+
     keys = paramiko.HostKeys()
     if path.exists():
         try:
@@ -72,7 +86,7 @@ def _save_pins(keys: paramiko.HostKeys, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
+class PinOnFirstUse(_Policy):
     """Accept and record a host key the first time a host is seen; refuse a different one later.
 
     ``like``: an address whose pinned key the new host must present (a clone, which inherited its
@@ -113,6 +127,8 @@ def pinned(address: str) -> bool:
 def repin(address: str, public_keys: str) -> int:
     """Replace the pins of ``address`` with ``public_keys`` (``type base64 [comment]`` lines, read
     from the host over an already authenticated channel); the number pinned."""
+    import paramiko
+
     new = []
     for line in public_keys.splitlines():
         fields = line.split()
@@ -148,6 +164,8 @@ def pin(address: str, public_key: str) -> None:
     ``public_key`` is an OpenSSH public key line; for hosts whose keys booted made itself, so the
     very first connection is checked too.
     """
+    import paramiko
+
     kind, _, rest = public_key.strip().partition(" ")
     try:
         key = paramiko.PKey.from_type_string(kind, base64.b64decode(rest.split()[0], validate=True))
@@ -178,6 +196,8 @@ def _names_host(patterns: str, address: str) -> bool:
     """Whether a known_hosts host field (comma-separated names, maybe hashed) names ``address``."""
     for name in patterns.split(","):
         if name.startswith("|1|"):
+            import paramiko
+
             if any(paramiko.HostKeys.hash_host(form, name) == name for form in (address, f"[{address}]:22")):
                 return True
             continue
@@ -186,58 +206,69 @@ def _names_host(patterns: str, address: str) -> bool:
     return False
 
 
-class BootedConnection(Connection):
-    """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
-
-    def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None,
-                 like: str | None = None):
-        connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
-        private, _ = keypair(config)
-        super().__init__(
-            host,
-            user=user_name or user(config),
-            port=SSH_PORT,
-            # lazy: no fabric/invoke config files; no ssh_config: the operator's ForwardAgent,
-            # IdentityFile, ProxyJump or Port must not reach managed hosts
-            config=FabricConfig(lazy=True, overrides={"load_ssh_configs": False}),
-            forward_agent=False,
-            gateway=None,
-            connect_timeout=connect_timeout,
-            connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
-        )
-        self.client.set_missing_host_key_policy(PinOnFirstUse(like))
-        pins = _load_pins(known_hosts_path())
-        for hostname, entry in pins.items():
-            for key in entry.values():
-                self.client.get_host_keys().add(hostname, key.get_name(), key)
-
-    def open(self):
-        if not self.is_connected:
-            try:
-                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-            except OSError as err:
-                raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.connect_kwargs["sock"] = sock
-        try:
-            return super().open()
-        except paramiko.BadHostKeyException:
-            raise HostError(
-                self.host,
-                f"host key does not match the one pinned in {known_hosts_path()}; if the host was rebuilt, "
-                f"run `fab hosts-forget --host {self.host}`",
-            ) from None
-        except paramiko.AuthenticationException:
-            raise HostError(self.host, f"SSH login as {self.user!r} with booted's key was refused") from None
-        except (paramiko.SSHException, OSError) as err:
-            raise HostError(self.host, f"SSH failed: {err}") from None
-        finally:
-            self.connect_kwargs.pop("sock", None)
-
-
 def connect(host: str, config=None, user_name: str | None = None, timeout: float | None = None,
-            like: str | None = None) -> BootedConnection:
-    return BootedConnection(host, config, user_name, timeout, like)
+            like: str | None = None) -> Connection:
+    """A fabric Connection to ``host`` with booted's key, pinned host keys and a TCP_NODELAY socket
+    (not yet open: ``open()``, or the first command, connects)."""
+    return _connection_class()(host, config, user_name, timeout, like)
+
+
+@functools.cache
+def _connection_class() -> Any:
+    """fabric's Connection with booted's settings, made on the first connection (fabric loads then)."""
+    import paramiko
+    from fabric import Config as FabricConfig
+    from fabric import Connection
+
+    class BootedConnection(Connection):
+        """A fabric Connection with booted's key, pinned host keys and a TCP_NODELAY socket."""
+
+        def __init__(self, host: str, config=None, user_name: str | None = None, timeout: float | None = None,
+                     like: str | None = None):
+            connect_timeout = float(timeout or (config.ssh.get("connect_timeout_s") if config else 5) or 5)
+            private, _ = keypair(config)
+            super().__init__(
+                host,
+                user=user_name or user(config),
+                port=SSH_PORT,
+                # lazy: no fabric/invoke config files; no ssh_config: the operator's ForwardAgent,
+                # IdentityFile, ProxyJump or Port must not reach managed hosts
+                config=FabricConfig(lazy=True, overrides={"load_ssh_configs": False}),
+                forward_agent=False,
+                gateway=None,
+                connect_timeout=connect_timeout,
+                connect_kwargs={"key_filename": [private], "look_for_keys": False, "allow_agent": False},
+            )
+            self.client.set_missing_host_key_policy(PinOnFirstUse(like))
+            pins = _load_pins(known_hosts_path())
+            for hostname, entry in pins.items():
+                for key in entry.values():
+                    self.client.get_host_keys().add(hostname, key.get_name(), key)
+
+        def open(self):
+            if not self.is_connected:
+                try:
+                    sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+                except OSError as err:
+                    raise HostError(self.host, f"cannot connect to SSH port {self.port}: {err.strerror or err}") from None
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.connect_kwargs["sock"] = sock
+            try:
+                return super().open()
+            except paramiko.BadHostKeyException:
+                raise HostError(
+                    self.host,
+                    f"host key does not match the one pinned in {known_hosts_path()}; if the host was rebuilt, "
+                    f"run `fab hosts-forget --host {self.host}`",
+                ) from None
+            except paramiko.AuthenticationException:
+                raise HostError(self.host, f"SSH login as {self.user!r} with booted's key was refused") from None
+            except (paramiko.SSHException, OSError) as err:
+                raise HostError(self.host, f"SSH failed: {err}") from None
+            finally:
+                self.connect_kwargs.pop("sock", None)
+
+    return BootedConnection
 
 
 def quote(argv: Sequence[object]) -> str:
@@ -271,8 +302,6 @@ def _checked(result: CommandResult, check: bool) -> CommandResult:
 
 def run_raw(conn: Connection, command: str, *, check: bool = True, timeout: float | None = None,
             stdin: str | None = None) -> CommandResult:
-    import io
-
     in_stream: io.StringIO | bool = io.StringIO(stdin) if stdin is not None else False
     kwargs = {"hide": True, "warn": True, "timeout": timeout, "in_stream": in_stream}
     try:
@@ -291,7 +320,7 @@ def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sud
 
     Used to ship a release: the tarball streams straight into ``tar -x`` on the host.
     """
-    import time as _time
+    import paramiko
 
     command = command_line(conn, argv, sudo)
     conn.open()
@@ -312,10 +341,10 @@ def run_with_input(conn: Connection, argv: Sequence[object], data: bytes, *, sud
 
         # Sleep on the exit-status event: it wakes the moment the command ends. Draining every
         # 0.2 s keeps a chatty command from filling the channel window; no 10 ms polling loop.
-        deadline = _time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         while not chan.status_event.wait(0.2):
             drain()
-            if _time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 raise HostError(conn.host, f"command timed out after {timeout:g}s")
         drain()
         code = chan.recv_exit_status()

@@ -6,8 +6,10 @@ The functions here serve the env-* tasks and the monitor alike: ``start_worker``
 from __future__ import annotations
 
 import random
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fabfile.balancing import loadbalancer
@@ -16,7 +18,7 @@ from fabfile.core.config import Config, Environment
 from fabfile.core.errors import BootedError, WaitTimeout
 from fabfile.core.fanout import HostResult, fan_out, raise_if_failed
 from fabfile.core.http import http_request
-from fabfile.core.output import host_line, progress, say, wait_until
+from fabfile.core.output import host_line, poll, progress, say, wait_until
 from fabfile.flows import discovery, plans, rollout
 from fabfile.hosts import endpoint as nginxctl
 from fabfile.hosts.inventory import Inventory
@@ -96,11 +98,13 @@ def boot_timeout(cfg: Config, env: Environment) -> float:
 
 
 # ---------------------------------------------------------------------------- images up and down
-def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, float | None]:
+def start_images(cfg: Config, env: Environment, images: list[str],
+                 on_up: Callable[[str, float], None] | None = None) -> dict[str, float | None]:
     """Start ``images`` in parallel (building any that don't exist yet).
 
     Returns ``{image: start time}`` for images this call booted, ``None`` for ones already running.
-    Raises if any image failed to start, after reporting each one.
+    ``on_up(image, start time)`` runs as soon as an image this call booted is up, while the others
+    still boot. Raises if any image failed to start, after reporting each one.
     """
     prov = provider_of(cfg, env)
     plan = plans.plan_start(images, {m.name: m for m in prov.list()})
@@ -112,8 +116,10 @@ def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, 
             return "already running"
         if image in plan.build:
             build_image(cfg, prov, image, env)
-        started[image] = time.time()
+        started[image] = started_at = time.time()
         machine = prov.start(image)
+        if on_up is not None:
+            on_up(image, started_at)
         return f"started ({', '.join(machine.addresses) or 'address pending'})"
 
     # All at once, as plain systemd-nspawn would: a start mostly waits for the host to boot, and
@@ -121,6 +127,24 @@ def start_images(cfg: Config, env: Environment, images: list[str]) -> dict[str, 
     results = fan_out(images, one, label=lambda i: i, parallel=len(images))
     raise_if_failed("start", results)
     return started
+
+
+_log_reader = threading.Lock()  # held by the one thread reading the booted log into the inventory
+
+
+def _not_called_home(cfg: Config, env: Environment, started: dict[str, float | None]) -> list[str]:
+    """Read what the booted log gained, then the images of ``started`` still to hear from.
+
+    Many threads ask at once while an environment comes up (one per booting worker): one of them
+    reads the log at a time, the others look at the inventory it keeps updating."""
+    if _log_reader.acquire(blocking=False):
+        try:
+            path = discovery.log_path()
+            if path.exists():
+                discovery.record(cfg, discovery.read_log(cfg, path))
+        finally:
+            _log_reader.release()
+    return plans.not_called_home(started, {e.image: e for e in Inventory().hosts(env=env.name)})
 
 
 def wait_called_home(cfg: Config, env: Environment, started: dict[str, float | None]) -> None:
@@ -131,14 +155,9 @@ def wait_called_home(cfg: Config, env: Environment, started: dict[str, float | N
     def missing() -> list[str]:
         return plans.not_called_home(started, {e.image: e for e in inv.hosts(env=env.name)})
 
-    def poll() -> bool:
-        if path.exists():
-            discovery.record(cfg, discovery.read_log(cfg, path))
-        return not missing()
-
     try:
-        wait_until(poll, timeout=boot_timeout(cfg, env), what=f"{env.name} hosts to call home",
-                   interval=0.3, report_every=10)
+        wait_until(lambda: not _not_called_home(cfg, env, started), timeout=boot_timeout(cfg, env),
+                   what=f"{env.name} hosts to call home", interval=0.3, report_every=10)
     except WaitTimeout:
         # Hosts that were already running called home before the last rotation or clear: re-read it all.
         if path.exists():
@@ -353,26 +372,58 @@ def balance(cfg: Config, env: Environment) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- whole flows
+def deploy_once_called_home(cfg: Config, env: Environment, svc: services.Service, image: str,
+                            started_at: float) -> list[HostResult] | None:
+    """Deploy a worker this run just booted as soon as it called home, while other hosts still boot.
+
+    None leaves it to the deploy after every host is up: it did not call home in time, it is a clone
+    still to be renamed (its SSH host keys are about to change), or a load balancer now serves users
+    (then workers change one at a time behind it)."""
+    if not poll(lambda: not _not_called_home(cfg, env, {image: started_at}), timeout=boot_timeout(cfg, env),
+                interval=0.3):
+        return None
+    entry = next((e for e in Inventory().hosts(env=env.name) if e.image == image), None)
+    if entry is None or not entry.hostname_ok or has_live_loadbalancer(cfg, env):
+        return None
+    if serving_version(entry.address, svc.port) == env.version:
+        return [HostResult(image, True, f"already serving {env.version}")]
+    return rollout.deploy(cfg, svc, env.version, env.name, images=[image], quiet=True)
+
+
 def bring_up(cfg: Config, env: Environment, images: list[str]) -> EnvReport:
     """Start ``images`` of ``env`` and make the environment serve: the body of env-start-*."""
     ensure_nginx(cfg)
-    say(f"== starting {len(images)} images of {env.name} ({env.provider})")
-    started = start_images(cfg, env, images)
-    say("== waiting for hosts to call home")
-    wait_called_home(cfg, env, started)
-    probe(cfg, env, images)
     svc = service_of(env)
-    live = has_live_loadbalancer(cfg, env)
-    say(f"== deploying {svc.name} {env.version}")
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    say(f"== starting {len(images)} images of {env.name} ({env.provider})")
+    with ThreadPoolExecutor(max_workers=len(images) + 1) as pool:
+        # A worker deploys the moment it is up and called home, not once the slowest host is.
+        early: dict[str, Future] = {}
+
+        def deploy_early(image: str, started_at: float) -> None:
+            if image in env.workers:
+                early[image] = pool.submit(deploy_once_called_home, cfg, env, svc, image, started_at)
+
+        started = start_images(cfg, env, images, on_up=deploy_early)
+        say("== waiting for hosts to call home")
+        wait_called_home(cfg, env, started)
+        probe(cfg, env, images)
+        live = has_live_loadbalancer(cfg, env)
+        say(f"== deploying {svc.name} {env.version}")
         # Nobody is served through a load balancer that is not up yet: its config goes out while the
         # workers deploy (it used to wait for them); the request through it is checked below.
-        early = None if live else pool.submit(loadbalancer.update, cfg, env, svc.port)
-        raise_if_failed(f"{svc.name}-deploy", converge_service(cfg, env, images, loadbalancer_live=live))
+        lb_config = None if live else pool.submit(loadbalancer.update, cfg, env, svc.port)
+        results: list[HostResult] = []
+        for future in early.values():
+            for result in future.result() or []:
+                say(host_line(result.host, result.ok, result.detail))
+                results.append(result)
+        done = {r.host for r in results}
+        results += converge_service(cfg, env, [i for i in images if i not in done], loadbalancer_live=live)
+        raise_if_failed(f"{svc.name}-deploy", results)
         say(f"== testing {svc.name}")
         raise_if_failed(f"{svc.name}-test", rollout.test(cfg, svc, env.name))
-        if early is not None:
-            early.result()  # its failure, if any, is reported here
+        if lb_config is not None:
+            lb_config.result()  # its failure, if any, is reported here
     say("== configuring load balancers")
     urls = balance(cfg, env)  # a load balancer already serving this config is only checked
     report = EnvReport(env.name, env.version, urls=urls)

@@ -23,6 +23,7 @@ import shlex
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,16 @@ def apply_calls(hosts: dict[str, HostEntry], calls: Iterable[Call], clones: Iter
             clone_of_mac[(clone.source, mac.lower())] = clone.image
     before = {image: HostEntry(**entry.to_dict()) for image, entry in hosts.items()}
     unknown_names: set[str] = set()
+    image_env: dict[str, Any] = {}  # config.image_env, once per image for many calls
+    for env in config.environments.values():
+        for declared_image in env.images:
+            image_env.setdefault(declared_image, env)
 
-    for call in sorted(calls, key=lambda c: c.seen_at):
+    for call in sorted(calls, key=attrgetter("seen_at")):
         summary.calls += 1
         image = clone_of_mac.get((call.name, call.mac), call.name)
-        declared = config.image_env(image)
-        source_env = config.image_env(call.name)
+        declared = image_env.get(image)
+        source_env = image_env.get(call.name)
         if (declared is not None and declared.name != call.env) or (
                 source_env is not None and source_env.name != call.env):
             summary.unknown += 1  # a key of one environment never speaks for another's image
