@@ -351,3 +351,37 @@ def test_root_only_dev_kvm_is_detected(tmp_path, monkeypatch, mode, needs):
     dev.chmod(mode)
     monkeypatch.setattr(hypervisor, "KVM_DEVICE", dev)
     assert hypervisor.kvm_device_needs_udev_mode() is needs
+
+
+class _PoolError(libvirt.libvirtError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def get_error_message(self):
+        return self.message
+
+
+@pytest.mark.parametrize("errors, raised", [
+    ([], None),
+    (["pool 'booted-x' has asynchronous jobs running."] * 3, None),  # another VM's upload: wait for it
+    (["cannot open directory '/nowhere'"], "cannot open directory"),  # anything else fails at once
+])
+def test_pool_rescan_waits_for_another_builds_volume_job(world, monkeypatch, errors, raised):
+    hv = world.hypervisor()
+    calls = []
+
+    class Pool:
+        def refresh(self, flags):
+            calls.append(flags)
+            if len(calls) <= len(errors):
+                raise _PoolError(errors[len(calls) - 1])
+
+    with monkeypatch.context() as patched:   # undone before the fixture clears the real pool
+        patched.setattr(world, "pool", lambda _hv: Pool())
+        if raised:
+            with pytest.raises(libvirt.libvirtError, match=raised):
+                world.refresh_pool(hv)
+        else:
+            world.refresh_pool(hv)
+    assert len(calls) == (1 if raised else len(errors) + 1)

@@ -236,7 +236,7 @@ def _store_copy(provider: "LibvirtProvider", hv: Hypervisor, src: Path, name: st
         shutil.copyfile(src, tmp)
         os.chmod(tmp, 0o600)
         os.replace(tmp, provider.storage_dir / name)
-        provider.pool(hv).refresh(0)
+        provider.refresh_pool(hv)
         vol = provider._volume(hv, name)
         if vol is not None:
             return vol

@@ -63,6 +63,10 @@ def owner_tag() -> str:
     return hashlib.sha1(str(state_dir()).encode()).hexdigest()[:8]
 
 
+# How long a pool rescan waits for another volume job in that pool (an upload of a base image
+# to a remote hypervisor's pool takes about 20 s per 800 MB).
+POOL_BUSY_WAIT_S = 600
+
 class VmRecords:
     """Where each VM of this state dir lives: ``state/libvirt/vms.json`` {image: {hypervisor, record}}.
 
@@ -201,6 +205,22 @@ class LibvirtProvider(Provider):
                     raise hv.failure(err) from None
             return self._pools[hv.name]
 
+    def refresh_pool(self, hv: Hypervisor) -> None:
+        """Rescan ``hv``'s pool for a file booted put in its folder. libvirt refuses while a volume
+        job runs in the pool ("pool '...' has asynchronous jobs running": another VM's seed or base
+        upload, with VMs built in parallel), so wait for that job instead of failing the build."""
+        lv = bindings()
+        deadline = time.monotonic() + POOL_BUSY_WAIT_S
+        while True:
+            try:
+                self.pool(hv).refresh(0)
+                return
+            except lv.libvirtError as err:
+                if "asynchronous jobs running" not in (err.get_error_message() or "") \
+                        or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+
     def _open_pool(self, hv: Hypervisor, lv):
         path = str(self.storage_dir)
         pool_name = "booted-" + hashlib.sha1(path.encode()).hexdigest()[:10]
@@ -251,7 +271,7 @@ class LibvirtProvider(Provider):
                 shutil.copyfile(src, tmp)
             os.chmod(tmp, 0o600)
             os.replace(tmp, dest)
-            pool.refresh(0)
+            self.refresh_pool(hv)
             vol = self._volume(hv, name)
             if vol is not None:
                 return vol
@@ -597,7 +617,7 @@ class LibvirtProvider(Provider):
             shutil.copyfile(src, tmp)
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.storage_dir / name)
-            self.pool(hv).refresh(0)
+            self.refresh_pool(hv)
             vol = self._volume(hv, name)
             if vol is not None:
                 return vol
