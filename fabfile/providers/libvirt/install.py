@@ -222,26 +222,11 @@ def _installer_volumes(provider: "LibvirtProvider", hv: Hypervisor, iso: Path) -
             vol = provider._volume(hv, name)
             if vol is None:  # the name carries the digest: a present volume is this ISO's
                 progress(f"libvirt: copying {name} to the storage pool on {hv.uri}")
-                vol = _store_copy(provider, hv, src, name) if role == "iso" else provider._store_file(hv, src, name)
+                # never a hard link to the user's ISO: libvirt gives pool files to the qemu user
+                vol = provider._store_file(hv, src, name, link=role != "iso")
             paths[role] = vol.path()
         shutil.rmtree(state_path("pxeboot", "libvirt", stem), ignore_errors=True)
     return paths
-
-
-def _store_copy(provider: "LibvirtProvider", hv: Hypervisor, src: Path, name: str):
-    """Like ``_store_file`` but never a hard link: libvirt gives pool files to the qemu user, and the user's
-    own ISO must keep its owner and mode."""
-    if hv.local and provider.storage_dir.is_dir():
-        tmp = provider.storage_dir / f".{name}.tmp"
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, provider.storage_dir / name)
-        provider.refresh_pool(hv)
-        vol = provider._volume(hv, name)
-        if vol is not None:
-            return vol
-        (provider.storage_dir / name).unlink(missing_ok=True)
-    return provider._store_file(hv, src, name)
 
 
 def _wait_for_poweroff(provider: "LibvirtProvider", dom, image: str, console: Path) -> None:

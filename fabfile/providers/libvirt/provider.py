@@ -250,32 +250,20 @@ class LibvirtProvider(Provider):
         except lv.libvirtError:
             return None
 
-    def _store_file(self, hv: Hypervisor, src: Path, name: str):
+    def _store_file(self, hv: Hypervisor, src: Path, name: str, link: bool = True):
         """Make a volume ``name`` in ``hv``'s pool holding the bytes of local file ``src`` (replacing one).
 
-        On this machine's own daemon the file is linked (or copied) into the pool's directory; elsewhere
-        it goes through libvirt's stream upload, which serves a remote hypervisor as well.
+        On this machine's own daemon the file is put into the pool's directory (``_put_in_pool``);
+        elsewhere it goes through libvirt's stream upload, which serves a remote hypervisor as well.
         """
         lv = bindings()
         pool = self.pool(hv)
         old = self._volume(hv, name)
         if old is not None:
             old.delete(0)
-        if hv.local and self.storage_dir.is_dir():
-            dest = self.storage_dir / name
-            tmp = self.storage_dir / f".{name}.tmp"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, dest)
-            self.refresh_pool(hv)
-            vol = self._volume(hv, name)
-            if vol is not None:
-                return vol
-            dest.unlink(missing_ok=True)  # a driver that does not read the directory: upload instead
+        vol = self._put_in_pool(hv, src, name, link=link)
+        if vol is not None:
+            return vol
         size = src.stat().st_size
         vol = pool.createXML(domainxml.render_raw_volume(name, size), 0)
         try:
@@ -608,21 +596,36 @@ class LibvirtProvider(Provider):
                     pass
             raise ProviderError(f"{hv.where}: {err.get_error_message()}", image=record.image) from None
 
+    def _put_in_pool(self, hv: Hypervisor, src: Path, name: str, link: bool = False):
+        """On this machine's own daemon: ``src`` as file ``name`` of the pool's directory (hard-linked if
+        ``link`` and possible, else copied; replaced atomically), and its volume. None where the pool is
+        not a directory here, or the driver does not see the file: the caller uploads or clones instead.
+        No link for a file that must keep its owner and mode: libvirt gives pool files to the qemu user."""
+        if not (hv.local and self.storage_dir.is_dir()):
+            return None
+        dest = self.storage_dir / name
+        tmp = self.storage_dir / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            if not link:
+                raise OSError("copy")
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, dest)
+        self.refresh_pool(hv)
+        vol = self._volume(hv, name)
+        if vol is None:
+            dest.unlink(missing_ok=True)
+        return vol
+
     def _copy_overlay(self, hv: Hypervisor, source, name: str, xml: str):
         """A copy of a stopped VM's disk: on this machine a copy of its overlay file (a few MB, still
         backed by the base image); elsewhere libvirt's volume clone (a full, flattened copy)."""
         src = Path(source.path())
-        if hv.local and self.storage_dir.is_dir() and src.is_file():
-            tmp = self.storage_dir / f".{name}.tmp"
-            shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.storage_dir / name)
-            self.refresh_pool(hv)
-            vol = self._volume(hv, name)
-            if vol is not None:
-                return vol
-            (self.storage_dir / name).unlink(missing_ok=True)
-        return self.pool(hv).createXMLFrom(xml, source, 0)
+        vol = self._put_in_pool(hv, src, name) if src.is_file() else None
+        return vol if vol is not None else self.pool(hv).createXMLFrom(xml, source, 0)
 
     def _write_seed(self, hv: Hypervisor, record: HostRecord, env):
         """(Re)write the VM's seed disk from its record and the environment it belongs to."""
