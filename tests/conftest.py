@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from lab import Lab, can_run_local_hosts, make_lab
@@ -27,3 +29,18 @@ def lab(tmp_path_factory) -> Lab:
         report += [f"still running after the lab's teardown: {p}" for p in survivors]
         if report:
             pytest.fail("processes of lab hosts were left behind (killed now):\n  " + "\n  ".join(report))
+
+
+# The unit tests on libvirt's test:///default driver configure these bridges; the provider creates
+# a bridge on this machine when booted's nginx is made ready (a real one, with root), so the session
+# removes the ones it made.
+TEST_DRIVER_BRIDGES = ("btstlv0", "btstlv1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_driver_bridges_removed():
+    before = {name for name in TEST_DRIVER_BRIDGES if Path("/sys/class/net", name).exists()}
+    yield
+    for name in TEST_DRIVER_BRIDGES:
+        if name not in before and Path("/sys/class/net", name).exists():
+            subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
