@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from fabfile.core import names, ssh
 from fabfile.core.errors import BootedError, ProviderError, WaitTimeout
-from fabfile.core.output import progress, wait_until
+from fabfile.core.output import poll, progress, wait_until
 from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
 from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, UNREACHABLE, Machine, Provider
@@ -210,16 +210,20 @@ class LibvirtProvider(Provider):
         job runs in the pool ("pool '...' has asynchronous jobs running": another VM's seed or base
         upload, with VMs built in parallel), so wait for that job instead of failing the build."""
         lv = bindings()
-        deadline = time.monotonic() + POOL_BUSY_WAIT_S
-        while True:
+        busy: list = []
+
+        def rescanned() -> bool:
             try:
                 self.pool(hv).refresh(0)
-                return
+                return True
             except lv.libvirtError as err:
-                if "asynchronous jobs running" not in (err.get_error_message() or "") \
-                        or time.monotonic() > deadline:
+                if "asynchronous jobs running" not in (err.get_error_message() or ""):
                     raise
-            time.sleep(0.1)
+                busy[:] = [err]
+                return False
+
+        if not poll(rescanned, timeout=POOL_BUSY_WAIT_S, interval=0.1):
+            raise busy[0]
 
     def _open_pool(self, hv: Hypervisor, lv):
         path = str(self.storage_dir)
