@@ -67,3 +67,19 @@ class SteadyLoad:
             finally:
                 conn.close()
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - t)))
+
+
+def rolling_deploy_under_load(lab, url: str, env: str, before: str, after: str, rate: float,
+                              max_seconds: float) -> None:
+    """`hello-deploy --version AFTER` while a steady client asks the load balancer (``url``) for
+    /version: the deploy is rolling, no request fails, and the answers go from BEFORE to AFTER."""
+    with SteadyLoad(url + "version", rate=rate, max_seconds=max_seconds) as load:
+        time.sleep(1)
+        result = lab.fab("hello-deploy", "--env", env, "--version", after, timeout=600)
+        time.sleep(1)
+        seen = load.stop()
+    assert result.ok, result
+    assert "rolling deploy" in result.stdout
+    assert seen.failures == [], seen.failures[:5]
+    versions = seen.bodies()
+    assert versions[0] == before and versions[-1] == after

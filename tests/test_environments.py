@@ -7,7 +7,7 @@ import time
 import urllib.request
 
 import pytest
-from loadgen import SteadyLoad
+from loadgen import SteadyLoad, rolling_deploy_under_load
 
 pytestmark = pytest.mark.local
 
@@ -76,16 +76,7 @@ def test_a_dying_worker_is_invisible_to_users(drill):
 
 def test_rolling_deploy_drops_no_request_and_ends_on_the_new_version(drill):
     drill.fab("env-start-all", "--env", "drill", check=True, timeout=600)
-    with SteadyLoad(lb_url(drill) + "version", rate=25, max_seconds=120) as load:
-        time.sleep(1)
-        result = drill.fab("hello-deploy", "--env", "drill", "--version", "v2", timeout=600)
-        time.sleep(1)
-        seen = load.stop()
-    assert result.ok, result
-    assert "rolling deploy" in result.stdout
-    assert seen.failures == [], seen.failures[:5]
-    versions = seen.bodies()
-    assert versions[0] == "v1" and versions[-1] == "v2"
+    rolling_deploy_under_load(drill, lb_url(drill), "drill", "v1", "v2", rate=25, max_seconds=120)
     for _ in range(6):
         with urllib.request.urlopen(lb_url(drill) + "version", timeout=5) as resp:
             assert resp.read().decode().strip() == "v2"

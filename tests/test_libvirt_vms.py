@@ -16,7 +16,7 @@ import time
 import urllib.request
 
 import pytest
-from loadgen import SteadyLoad
+from loadgen import SteadyLoad, rolling_deploy_under_load
 from vmlab import ROOT, VmLab, cannot_run_vms, make_vm_lab
 
 pytestmark = pytest.mark.vms
@@ -77,16 +77,7 @@ def test_ssh_host_keys_were_pinned_before_first_contact_and_match(vms):
 
 
 def test_rolling_deploy_under_load_drops_no_request(vms):
-    with SteadyLoad(lb_url(vms) + "version", rate=10, max_seconds=400) as load:
-        time.sleep(1)
-        result = vms.fab("hello-deploy", "--env", "vmlab", "--version", "v2", timeout=600)
-        time.sleep(1)
-        seen = load.stop()
-    assert result.ok, result
-    assert "rolling deploy" in result.stdout
-    assert seen.failures == [], seen.failures[:5]
-    versions = seen.bodies()
-    assert versions[0] == "v1" and versions[-1] == "v2"
+    rolling_deploy_under_load(vms, lb_url(vms), "vmlab", "v1", "v2", rate=10, max_seconds=400)
 
 
 def test_worker_vm_forced_off_under_load_drops_no_request(vms):
