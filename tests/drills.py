@@ -3,15 +3,22 @@ happens to the workers. Shared by tests/test_saturation.py (which asserts no req
 bench/capacity.py (which prints what each drill sent and lost).
 
 Each drill takes a lab (tests/lab.py) whose environment ``env`` is up with one load balancer and
-three workers, and returns a ``DrillResult``: wrk's own report plus what was done and when.
+three workers, and returns a ``DrillResult``: wrk's own report plus what was done and when, and
+whether the machine itself stood still meanwhile (tests/stallwatch.py).
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
+from stallwatch import Stalls, StallWatch
 from wrkload import WrkReport, WrkRun
+
+# The load balancer's shortest timeout (proxy_read_timeout, fabfile/balancing/loadbalancer.py): a
+# machine frozen longer than this fails requests on resumption whatever booted does.
+MACHINE_STALL_S = 3.0
 
 
 @dataclass
@@ -22,10 +29,28 @@ class DrillResult:
     report: WrkReport
     steps: list[str] = field(default_factory=list)      # "t=3.0s image-stop ... -> exit 0"
     failed_steps: list[str] = field(default_factory=list)
+    stalls: Stalls = field(default_factory=Stalls)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failed_steps or self.report.failed)
 
     def __str__(self) -> str:
         return (f"drill {self.name} (-c{self.connections} {self.method}): {self.report.summary()}\n  "
-                + "\n  ".join(self.steps))
+                + "\n  ".join(self.steps + [str(self.stalls)] * bool(self.stalls.gaps)))
+
+
+def again_if_machine_stalled(run, restore=None) -> DrillResult:
+    """``run()`` a drill; if requests failed while the whole machine stood still for longer than the
+    load balancer's shortest timeout, say so and run it once more (after ``restore()``, which puts the
+    hosts back as the drill expects them). The second run's result stands, whatever it is."""
+    drill = run()
+    if not (drill.failed and drill.stalls.longest >= MACHINE_STALL_S):
+        return drill
+    print(f"\nvoid, running it again: {drill}", file=sys.stderr)
+    if restore is not None:
+        restore()
+    return run()
 
 
 def lb_url(lab, env: str) -> str:
@@ -68,7 +93,8 @@ def run_drill(lab, env: str, name: str, connections: int, method: str, steps, ta
     seconds more; wrk is stopped then (or after ``longest`` seconds, a drill's bound)."""
     timeline = Timeline()
     error: list[BaseException] = []
-    with WrkRun(lb_url(lab, env), connections=connections, seconds=longest, method=method) as wrk:
+    with StallWatch() as watch, WrkRun(lb_url(lab, env), connections=connections, seconds=longest,
+                                       method=method) as wrk:
         timeline.t0 = time.monotonic()
 
         def body():
@@ -87,7 +113,7 @@ def run_drill(lab, env: str, name: str, connections: int, method: str, steps, ta
         report = wrk.stop()
     if error:
         timeline.failed.append(f"drill step raised {type(error[0]).__name__}: {error[0]}")
-    return DrillResult(name, connections, method, report, timeline.steps, timeline.failed)
+    return DrillResult(name, connections, method, report, timeline.steps, timeline.failed, watch.stalls)
 
 
 # --------------------------------------------------------------------------- the drills

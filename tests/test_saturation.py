@@ -45,12 +45,16 @@ def worker_version(lab, image: str) -> str | None:
         return None
 
 
+def ensure_serving(lab) -> None:
+    """Three serving workers behind the load balancer (a drill before may have left one down)."""
+    if any(worker_version(lab, image) is None for image in WORKERS):
+        lab.fab("env-start-all", "--env", ENV, check=True, timeout=900)
+
+
 @pytest.fixture
 def serving(sat):
-    """Every drill starts from three serving workers behind the load balancer (a failed drill
-    before it may have left one down)."""
-    if any(worker_version(sat, image) is None for image in WORKERS):
-        sat.fab("env-start-all", "--env", ENV, check=True, timeout=900)
+    """Every drill starts from three serving workers behind the load balancer."""
+    ensure_serving(sat)
     sat.ssh(f"{ENV}-lb", "sudo", "truncate", "-s", "0", "/var/log/nginx/error.log")
     return sat
 
@@ -63,6 +67,12 @@ def assert_no_request_failed(lab, drill: drills.DrillResult) -> None:
     assert report.socket_errors == 0, str(drill)
     errors = lab.ssh(f"{ENV}-lb", "sudo", "cat", "/var/log/nginx/error.log").stdout
     assert "no live upstreams" not in errors, errors[-2000:]
+
+
+def stop_two_workers(lab) -> None:
+    """As the power-off drill leaves the environment: w2 and w3 stopped (for a second scale drill)."""
+    for image in WORKERS[1:]:
+        lab.fab("env-stop-worker", "--image", image, "--env", ENV, check=True, timeout=300)
 
 
 def through_lb(lab, path: str) -> str:
@@ -78,7 +88,7 @@ def service_show(lab, image: str) -> dict[str, str]:
 @pytest.mark.parametrize("connections", CONNECTIONS)
 def test_a_sigkilled_service_is_restarted_and_costs_no_request(serving, connections):
     before = service_show(serving, f"{ENV}-w1")
-    drill = drills.kill_service(serving, ENV, connections)
+    drill = drills.again_if_machine_stalled(lambda: drills.kill_service(serving, ENV, connections))
     assert_no_request_failed(serving, drill)
     after = service_show(serving, f"{ENV}-w1")
     assert after["ActiveState"] == "active" and after["MainPID"] != before["MainPID"], (before, after)
@@ -91,9 +101,11 @@ def test_power_off_and_stop_then_scale_back_cost_no_request(serving, connections
     (env-start-worker), w3 removed (env-stop-worker: drained, stopped) and added again."""
     refused = serving.fab("env-stop-worker", "--image", f"{ENV}-lb", "--env", ENV)
     assert refused.returncode == 2 and "not a worker" in refused.stderr, refused
-    stopped = drills.power_off_and_stop(serving, ENV, connections)
+    stopped = drills.again_if_machine_stalled(lambda: drills.power_off_and_stop(serving, ENV, connections),
+                                              restore=lambda: ensure_serving(serving))
     left = {image: [str(p) for p in serving.leftover_processes(image)] for image in WORKERS[1:]}
-    scaled = drills.scale_up_and_down(serving, ENV, connections)
+    scaled = drills.again_if_machine_stalled(lambda: drills.scale_up_and_down(serving, ENV, connections),
+                                             restore=lambda: stop_two_workers(serving))
     assert_no_request_failed(serving, stopped)
     assert_no_request_failed(serving, scaled)
     assert sorted(worker_version(serving, image) for image in WORKERS) == ["v1"] * 3
@@ -117,7 +129,11 @@ ROLLING = [
 @pytest.mark.parametrize("connections,method,action,version", ROLLING,
                          ids=[f"{a[0]}-{m}-c{c}" for c, m, a, _ in ROLLING])
 def test_rolling_deploy_and_rollback_cost_no_request(serving, connections, method, action, version):
-    drill = drills.rolling(serving, ENV, connections, method, action)
+    before = worker_version(serving, WORKERS[0])
+    drill = drills.again_if_machine_stalled(
+        lambda: drills.rolling(serving, ENV, connections, method, action),
+        # as before the drill: the same release current, the drill's target the one before it
+        restore=lambda: serving.fab("hello-deploy", "--env", ENV, "--version", before, check=True, timeout=600))
     assert_no_request_failed(serving, drill)
     assert [worker_version(serving, image) for image in WORKERS] == [version] * 3
     assert {through_lb(serving, "/version") for _ in range(6)} == {version}
