@@ -78,7 +78,7 @@ def qemu_pids(marker: str) -> list[int]:
 def booted_run(lab: VmLab, n: int) -> dict:
     env = f"bench{n}"
     images = ["bv-solo"] if n == 1 else ["bv-lb", "bv-w1", "bv-w2"]
-    for image in images:  # built outside the timed part: the timing starts from stopped, defined VMs
+    for image in images:  # built outside the timed part: the timing starts from stopped VMs
         lab.fab("image-build", "--image", image, check=True, timeout=1800)
     started = time.monotonic()
     result = lab.fab("env-start-all", "--env", env, timeout=1800)

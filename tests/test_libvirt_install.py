@@ -343,7 +343,7 @@ def flow(tmp_path, monkeypatch):
 def _left(prov) -> tuple[list, list, list]:
     pool = prov.pool(prov.hypervisor())
     pool.refresh(0)
-    return ([r.image for _, _, r in prov._domains()],
+    return ([vm.record.image for vm in prov._vms()],
             sorted(v.name() for v in pool.listAllVolumes(0) if v.name().startswith(prov.domain_name("kvm-w1"))),
             sorted(kickstart.kickstart_path("kvm-w1").parent.glob("*.cfg")) if kickstart.kickstart_path("kvm-w1").parent.exists() else [])
 
@@ -397,8 +397,10 @@ def test_install_that_powers_off_is_switched_to_disk_boot(flow, monkeypatch):
     assert "inst.ks=http://10.201.9.1:8480/ks/" in cmdline and install_dom.findtext("./memory") == str(2048 * 1024)
     assert install_dom.find("./devices/disk[@device='cdrom']/source").get("file").endswith(".iso")
     assert f"network --device={machine.macs[0]} --bootproto=static --ip=10.201.9.2 " in seen["ks"]
-    xml = flow._require("kvm-w1")[1].XMLDesc(0)
-    assert install.disk_booted(xml) and "cdrom" not in xml and "<memory unit='KiB'>524288</memory>" in xml
+    xml = flow._require("kvm-w1").domain
+    assert install.disk_booted(xml) and "cdrom" not in xml and domainxml.parse_domain(xml).memory_kib == 524288
+    # the installer's domain is gone: the installed VM runs as a transient domain from now on
+    assert [d.name() for d in flow.hypervisor().conn.listAllDomains(0) if d.name().startswith("booted-")] == []
     domains, volumes, served_now = _left(flow)
     assert domains == ["kvm-w1"] and volumes == [flow.domain_name("kvm-w1") + ".qcow2"] and served_now == []
     from fabfile.core.errors import ProviderError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,14 @@ def world(tmp_path, monkeypatch):
 
 
 def dom_xml(prov, image_name):
-    return prov._require(image_name)[1].XMLDesc(0)
+    """The domain XML booted starts the VM as (its record)."""
+    return prov._require(image_name).domain
+
+
+def domains(prov) -> list[tuple[str, bool, bool]]:
+    """Every booted domain libvirt has (the test driver has its own, "test"): (name, running, persistent)."""
+    return [(d.name(), bool(d.isActive()), bool(d.isPersistent())) for d in prov.hypervisor().conn.listAllDomains(0)
+            if d.name().startswith("booted-")]
 
 
 def debugfs_cat(img: Path, path: str) -> str:
@@ -84,15 +92,16 @@ def sys_python():
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_build_defines_a_stopped_vm_with_its_own_disks_mac_and_address(world):
+def test_build_makes_a_stopped_vm_with_its_own_disks_mac_and_address_and_no_domain(world):
     machine = world.build("vm-w1", world.env)
     assert machine.state == "poweroff" and machine.provider == "libvirt"
+    assert domains(world) == []  # a stopped VM is its volumes and booted's record, nothing in libvirt
     assert machine.macs[0].startswith("52:54:00:") and machine.addresses == ["10.201.7.2"]
     facts = domainxml.parse_domain(dom_xml(world, "vm-w1"))
     name = world.domain_name("vm-w1")
     assert [Path(d).name for d in facts.disks] == [f"{name}.qcow2", f"{name}.seed"]
     xml = dom_xml(world, "vm-w1")
-    assert "booted-base-0123456789abcdef.vmlinuz</kernel>" in xml and "<source bridge='btstlv0'/>" in xml
+    assert "booted-base-0123456789abcdef.vmlinuz</kernel>" in xml and '<source bridge="btstlv0" />' in xml
     # the base image went to the pool once; the seed carries this VM's identity and call-home config
     assert set(world.uploads) == {"booted-base-0123456789abcdef.qcow2", "booted-base-0123456789abcdef.vmlinuz",
                                   "booted-base-0123456789abcdef.initrd", f"{name}.seed"}
@@ -116,12 +125,51 @@ def test_seed_disk_holds_identity_address_and_callhome(world, tmp_path):
     assert "Mode:  0600" in stat  # the host's call-home key is readable by root only
 
 
-def test_start_returns_running_and_stop_powers_off(world):
+def test_start_returns_running_and_stop_leaves_no_domain(world):
     world.build("vm-w1", world.env)
-    assert world.start("vm-w1").state == "running"
+    first = world.start("vm-w1")
+    assert first.state == "running"
+    name = world.domain_name("vm-w1")
+    assert domains(world) == [(name, True, False)]  # transient: exists while it runs
     assert world.start("vm-w1").state == "running"  # already running: no error
     assert world.stop("vm-w1").state == "poweroff"
+    assert domains(world) == [] and world.get("vm-w1").state == "poweroff"
     assert world.stop("vm-w1").state == "poweroff"  # already stopped
+    assert world.start("vm-w1").macs == first.macs  # started again from booted's record, the same VM
+    world.hypervisor().conn.lookupByName(name).destroy()  # powered off behind booted's back (the guest)
+    assert world.get("vm-w1").state == "poweroff" and domains(world) == []
+
+
+def test_a_persistent_domain_of_an_earlier_booted_is_adopted(world):
+    """VMs an earlier booted defined persistently: booted takes their XML into its record and drops
+    the definition (a running one keeps running, transient); they stop and start as any other."""
+    world.build("vm-w1", world.env)
+    world.build("vm-w2", world.env)
+    conn = world.hypervisor().conn
+    records = world.records.load()
+    for image in ("vm-w1", "vm-w2"):
+        conn.defineXML(records[image].domain)  # what the earlier booted left: defined domains
+    world.records.save({image: replace(p, domain="") for image, p in records.items()})  # its records had no XML
+    conn.lookupByName(world.domain_name("vm-w2")).create()
+    assert {m.name: m.state for m in world.list()} == {"vm-w1": "poweroff", "vm-w2": "running"}
+    assert domains(world) == [(world.domain_name("vm-w2"), True, False)]
+    adopted = domainxml.parse_domain(world.records.load()["vm-w1"].domain)
+    before = domainxml.parse_domain(records["vm-w1"].domain)
+    assert (adopted.record, adopted.disks, adopted.uuid) == (before.record, before.disks, before.uuid)
+    assert world.stop("vm-w2").state == "poweroff" and domains(world) == []
+    assert world.start("vm-w1").state == "running"
+
+
+def test_a_build_cut_short_is_not_a_vm_and_is_rebuilt_with_its_identity(world):
+    world.build("vm-w1", world.env)
+    placed = world.records.load()["vm-w1"]
+    world.delete("vm-w1")
+    world.records.put(replace(placed, domain=""))  # placed, then the build was killed
+    assert world.list() == [] and world.get("vm-w1") is None
+    with pytest.raises(ProviderError, match="no such libvirt image"):
+        world.start("vm-w1")
+    again = world.build("vm-w1", world.env)
+    assert again.addresses == [placed.record.address] and again.macs == [placed.record.mac]
 
 
 def test_stop_powers_off_when_the_guest_ignores_acpi(world, monkeypatch, capsys):
@@ -326,11 +374,15 @@ def test_host_key_is_made_by_booted_and_pinned_before_first_contact(world, tmp_p
     assert "10.201.7.2 " not in ssh.known_hosts_path().read_text()
 
 
-def test_base_images_of_older_recipes_are_dropped_unless_a_domain_boots_from_them(world):
+def test_base_images_of_older_recipes_are_dropped_unless_a_domain_or_a_disk_uses_them(world):
     world.build("vm-w1", world.env)
     pool = world.pool(world.hypervisor())
-    for name in ("booted-base-00000000000000aa.qcow2", "booted-base-00000000000000bb.vmlinuz"):
+    for name in ("booted-base-00000000000000aa.qcow2", "booted-base-00000000000000bb.vmlinuz",
+                 "booted-base-00000000000000cc.qcow2"):
         pool.createXML(domainxml.render_raw_volume(name, 10), 0)
+    # a stopped VM (no domain) of another state dir: its disk is an overlay on the ...cc base
+    pool.createXML(domainxml.render_overlay_volume("booted-0ther000-w9.qcow2", 10,
+                                                   f"{world.storage_dir}/booted-base-00000000000000cc.qcow2"), 0)
     # another state dir's VM still boots from the ...bb kernel
     world.hypervisor().conn.defineXML(
         "<domain type='test'><name>someone-else</name><memory>65536</memory><os><type>hvm</type>"
@@ -340,6 +392,7 @@ def test_base_images_of_older_recipes_are_dropped_unless_a_domain_boots_from_the
         vols = {v.name() for v in pool.listAllVolumes(0)}
         assert "booted-base-00000000000000aa.qcow2" not in vols
         assert "booted-base-00000000000000bb.vmlinuz" in vols and "booted-base-0123456789abcdef.qcow2" in vols
+        assert "booted-base-00000000000000cc.qcow2" in vols
     finally:
         world.hypervisor().conn.lookupByName("someone-else").undefine()
 

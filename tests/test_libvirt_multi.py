@@ -17,6 +17,7 @@ import pytest
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (pip install -e '.[test]')")
 
 from libvirt_fakes import fake_base_image  # noqa: E402
+from libvirt_testdriver import drop_domains, drop_pools  # noqa: E402
 
 from fabfile.core.config import MonitorSettings  # noqa: E402
 from fabfile.core.errors import ConfigError  # noqa: E402
@@ -70,15 +71,8 @@ def make_world(tmp_path, monkeypatch, extra: str = ""):
     for hv in prov.hypervisors.values():  # test:///default lives as long as this process
         if "_open" in vars(hv):
             power_back(prov, hv.name)
-        for dom in hv.conn.listAllDomains(0):
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-        for pool in hv.conn.listAllStoragePools(0):
-            for vol in pool.listAllVolumes(0):
-                vol.delete(0)
-            pool.destroy()
-            pool.undefine()
+        drop_domains(hv.conn)
+        drop_pools(hv.conn)
 
 
 def power_cut(prov, name: str) -> None:
@@ -112,9 +106,9 @@ def build_env(prov) -> None:
 def test_load_balancer_and_workers_spread_and_stay_where_they_are(world, tmp_path, monkeypatch):
     build_env(world)
     assert where(world) == {"vm-lb": "hv1", "vm-w1": "hv2", "vm-w2": "hv1"}
-    xml = world._require("vm-w1")[1].XMLDesc(0)
-    assert "<source bridge='br-two'/>" in xml  # each hypervisor's own bridge onto the shared network
-    assert "<source bridge='br-one'/>" in world._require("vm-lb")[1].XMLDesc(0)
+    xml = world._require("vm-w1").domain
+    assert '<source bridge="br-two" />' in xml  # each hypervisor's own bridge onto the shared network
+    assert '<source bridge="br-one" />' in world._require("vm-lb").domain
     # a later run (a new process: a new provider over the same state) keeps every VM where it is
     again = get_provider("libvirt", load_config(world.config.path))
     world.stop("vm-w1")
@@ -201,13 +195,18 @@ def test_a_lost_hypervisor_shows_its_vms_unreachable_and_they_are_rebuilt_on_a_s
     assert machine.running and machine.detail["hypervisor"] == "hv1" and machine.addresses == address
     assert where(world) == {"vm-lb": "hv1", "vm-w1": "hv1", "vm-w2": "hv1"}
 
-    # hv2 returns holding the old, shut-off definition: it is not listed, and goes at the next build there
+    # hv2 returns (its network was cut: the old copy still runs) with the old volumes: neither is
+    # listed, and both go at the next build there
     power_back(world, "hv2")
     hv2 = world.hypervisor("hv2")
-    old = [d for d in hv2.conn.listAllDomains(0) if d.name() == world.domain_name("vm-w1")]
-    assert old and where(world)["vm-w1"] == "hv1"
+    stale = world.domain_name("vm-w1")
+    assert [d.name() for d in hv2.conn.listAllDomains(0) if d.name().startswith("booted-")] == [stale]
+    assert sorted(v.name() for v in world.pool(hv2).listAllVolumes(0) if v.name().startswith(stale)) \
+        == [f"{stale}.qcow2", f"{stale}.seed"]
+    assert where(world)["vm-w1"] == "hv1" and [m.detail["hypervisor"] for m in world.list() if m.name == "vm-w1"] == ["hv1"]
     world._remove_stale(hv2)
-    assert [d.name() for d in hv2.conn.listAllDomains(0)] == []
+    assert [d.name() for d in hv2.conn.listAllDomains(0) if d.name().startswith("booted-")] == []
+    assert [v.name() for v in world.pool(hv2).listAllVolumes(0) if v.name().startswith(stale)] == []
     assert where(world) == {"vm-lb": "hv1", "vm-w1": "hv1", "vm-w2": "hv1"}
 
 

@@ -116,9 +116,11 @@ class VmLab(Lab):
             for dom in conn.listAllDomains(0):
                 if not dom.name().startswith(prefix):
                     continue
+                persistent = dom.isPersistent()  # booted's run transient; an installer's is persistent
                 if dom.isActive():
                     dom.destroy()
-                dom.undefine()
+                if persistent:
+                    dom.undefine()
             for pool in conn.listAllStoragePools(0):
                 if pool.isActive():
                     pool.refresh(0)

@@ -11,7 +11,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-# booted's own element in a domain's <metadata>: the domain is the record of the host.
+# booted's own element in a domain's <metadata>: a running domain says which host it is.
 NAMESPACE = "urn:booted:libvirt:host:1"
 METADATA_KEY = "booted"
 ET.register_namespace(METADATA_KEY, NAMESPACE)
@@ -63,7 +63,7 @@ class DomainPlan:
     console_log: str
     record: HostRecord
     tcg_cache_mb: int = 64
-    uuid: str = ""  # set when redefining an existing domain (libvirt matches it by name and uuid)
+    uuid: str = ""  # the VM's, kept from build to build ("": libvirt makes one)
     cmdline: str = "root=/dev/vda rw console=ttyS0 quiet"
     extra: dict = field(default_factory=dict)
     cdrom: str = ""  # an ISO attached as a CD-ROM (the install DVD while a kickstart install runs)
@@ -140,7 +140,7 @@ def render_domain(plan: DomainPlan) -> str:
 
 @dataclass(frozen=True)
 class DomainFacts:
-    """What booted reads back from a defined domain's XML."""
+    """What booted reads back from domain XML (its own, or a running domain's)."""
 
     macs: list[str]
     disks: list[str]
@@ -150,6 +150,9 @@ class DomainFacts:
     cpus: int
     domain_type: str
     record: HostRecord | None
+    name: str = ""
+    uuid: str = ""
+    cdroms: list[str] = field(default_factory=list)  # an installer's ISO (install.py)
 
 
 def parse_domain(text: str) -> DomainFacts:
@@ -169,7 +172,9 @@ def parse_domain(text: str) -> DomainFacts:
         mem_kib *= 1024
     vcpu = dom.find("./vcpu")
     return DomainFacts(macs, disks, taps, console.get("file", "") if console is not None else "", mem_kib,
-                       int(vcpu.text) if vcpu is not None and vcpu.text else 1, dom.get("type", ""), record)
+                       int(vcpu.text) if vcpu is not None and vcpu.text else 1, dom.get("type", ""), record,
+                       dom.findtext("name") or "", dom.findtext("uuid") or "",
+                       [s.get("file", "") for s in dom.findall("./devices/disk[@device='cdrom']/source")])
 
 
 def render_overlay_volume(name: str, capacity_bytes: int, backing_path: str) -> str:

@@ -31,6 +31,7 @@ from fabfile.providers import kickstart
 from fabfile.providers.libvirt import domainxml
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord, check_mac
 from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
+from fabfile.providers.libvirt.records import Placed, Vm
 
 if TYPE_CHECKING:
     from fabfile.providers.base import Machine
@@ -141,17 +142,18 @@ def build(provider: "LibvirtProvider", image: str, env, owner: str) -> "Machine"
     with locked(f"libvirt-install-{image}"):
         try:
             with locked("libvirt-hosts"):
-                if provider._find(image):
+                placed = provider.records.load().get(image)
+                if placed and placed.domain:
                     raise ProviderError("already exists; delete it first (fab image-del --image NAME)", image=image)
-                records = provider.records.load()
-                address, mac = provider._allocate(image, [r for _, r in records.values()]
-                                                  + [r for _, _, r in provider._domains()])
+                # placed without a domain: an install cut short (this one holds the install lock)
+                address, mac = (placed.record.address, placed.record.mac) if placed else provider._allocate(image)
                 record = HostRecord(image=image, owner=owner, address=address, mac=mac, env=env.name)
-                provider.records.put(hv.name, record)  # placed: parallel builds see it
+                provider.records.put(Placed(hv.name, record))  # placed: parallel builds see it
                 made += ["record", "kickstart"]
                 plan = replace(_publish_kickstart(provider, hv, record, env), console_log=str(console))
                 made.append(_target_disk(provider, hv, dom_name))
                 plan = replace(plan, disk=made[-1].path())
+                # persistent while it installs: its state after power-off says whether it powered off
                 dom = hv.conn.defineXML(domainxml.render_domain(install_plan(
                     plan, kernel=installer["kernel"], initrd=installer["initrd"], cdrom=installer["iso"],
                     memory_mb=int(settings["install_memory_mb"]),
@@ -165,7 +167,11 @@ def build(provider: "LibvirtProvider", image: str, env, owner: str) -> "Machine"
             console.unlink(missing_ok=True)
             dom.create()
             _wait_for_poweroff(provider, dom, image, console)
-            hv.conn.defineXML(domainxml.render_domain(replace(disk_boot_plan(plan), uuid=dom.UUIDString())))
+            domain = domainxml.render_domain(replace(disk_boot_plan(plan), uuid=dom.UUIDString()))
+            dom.undefine()  # from now on it runs as a transient domain (provider.start), booting its disk
+            dom = None
+            with locked("libvirt-hosts"):
+                provider.records.put(Placed(hv.name, record, domain))
         except (BootedError, ValueError, KeyboardInterrupt, lv.libvirtError) as err:
             note = _undo(provider, hv, image, dom, made, console)
             if isinstance(err, KeyboardInterrupt):
@@ -177,7 +183,7 @@ def build(provider: "LibvirtProvider", image: str, env, owner: str) -> "Machine"
         # The kickstart holds the host's call-home key: it must not stay downloadable once installed.
         kickstart.withdraw_kickstart(image)
     progress(f"{image}: installed; it boots from its disk from now on")
-    return provider._machine(hv, dom, record)
+    return provider._machine(Vm(hv, record, domain))
 
 
 def _publish_kickstart(provider: "LibvirtProvider", hv: Hypervisor, record: HostRecord, env) -> DomainPlan:

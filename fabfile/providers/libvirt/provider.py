@@ -1,10 +1,15 @@
 """The ``libvirt`` provider: real virtual machines through the libvirt API (QEMU/KVM, or TCG).
 
 * Driven only through the libvirt Python bindings: domains, storage pools and volumes; no ``virsh``.
-* Each VM ("image" in booted's words) is a domain named ``booted-<owner>-<image>`` whose metadata
-  holds booted's record of it (image, address, MAC, environment): the domain is the record, so
-  ``image-list`` reads the hypervisor, not a file that could disagree with it. ``<owner>`` is a tag
-  of booted's state dir, so two state dirs (a user's and a test's) never touch each other's VMs.
+* Each VM ("image" in booted's words) is, while it runs, a *transient* libvirt domain named
+  ``booted-<owner>-<image>`` whose metadata holds booted's record of it (image, address, MAC,
+  environment). A stopped VM is no domain at all: its volumes, and booted's record of it
+  (``state/libvirt/vms.json``: where it lives, its record, the domain XML booted starts it as).
+  So ``env-stop`` leaves nothing in libvirt (no domain, tap or qemu), a VM that powers itself off
+  vanishes from libvirt the same way, and ``image-list`` asks the hypervisor which VMs run.
+  ``<owner>`` is a tag of booted's state dir, so two state dirs (a user's and a test's) never touch
+  each other's VMs. Domains an earlier booted defined persistently are adopted (their XML into the
+  record, the definition dropped) the first time booted sees them.
 * Disks are volumes in a directory pool over ``storage_dir``: the base image (built once, see
   image.py), and per VM a qcow2 overlay on it plus a small read-only seed disk with its identity.
 * Direct kernel boot; ``domain_type`` ``auto`` picks ``kvm`` only where the CPU has hardware
@@ -15,16 +20,15 @@
 
 Several machines: ``hypervisors`` names libvirt connections (``qemu+ssh://root@hv1/system``); each VM
 is placed on one by placement.py's rules when it is first built (an environment's ``placement`` pins
-images), and booted's state (``state/libvirt/vms.json``) records where, with its address and MAC, so
-the choice is stable across runs and known while that hypervisor does not answer. A VM on a
-hypervisor that does not answer is ``unreachable``; starting it builds it afresh on a hypervisor that
-answers (same name, address and MAC, a new host key). Its old domain, if that hypervisor returns, is
-stale and removed when booted next builds or starts a VM there.
+images), and booted's record says where, so the choice is stable across runs and known while that
+hypervisor does not answer. A VM on a hypervisor that does not answer is ``unreachable``; starting it
+builds it afresh on a hypervisor that answers (same name, address and MAC, a new host key). What is
+left of it on the old hypervisor, if that one returns (a running domain, its volumes), is stale and
+removed when booted next builds or starts a VM there.
 """
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import secrets
 import shutil
@@ -36,9 +40,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fabfile.core import names, ssh
-from fabfile.core.errors import BootedError, ProviderError, WaitTimeout
+from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import poll, progress, wait_until
-from fabfile.core.state import atomic_write_json, locked, read_json, state_dir, state_path
+from fabfile.core.state import locked, state_dir
 from fabfile.hosts import callhome
 from fabfile.providers.base import RUNNING, STOPPED, UNREACHABLE, Machine, Provider
 from fabfile.providers.libvirt import domainxml, hypervisor, image, install
@@ -52,8 +56,8 @@ from fabfile.providers.libvirt.placement import (
     environment_vms,
     hypervisors_from_settings,
     place,
-    valid_hypervisor_name,
 )
+from fabfile.providers.libvirt.records import Placed, Vm, VmRecords, domain_of
 from fabfile.providers.local import network as localnet
 from fabfile.providers.local.provider import LocalProvider, image_cache_dir
 
@@ -66,47 +70,6 @@ def owner_tag() -> str:
 # How long a pool rescan waits for another volume job in that pool (an upload of a base image
 # to a remote hypervisor's pool takes about 20 s per 800 MB).
 POOL_BUSY_WAIT_S = 600
-
-class VmRecords:
-    """Where each VM of this state dir lives: ``state/libvirt/vms.json`` {image: {hypervisor, record}}.
-
-    Written under the ``libvirt-hosts`` lock when a VM is placed (before its volumes are made, so
-    parallel builds see each other's choice) and when it is deleted."""
-
-    def __init__(self):
-        self.path = state_path("libvirt", "vms.json")
-
-    def load(self) -> dict[str, tuple[str, HostRecord]]:
-        data = read_json(self.path, {})
-        out = {}
-        if isinstance(data, dict):
-            for image, entry in data.items():
-                try:
-                    hv, record = str(entry["hypervisor"]), HostRecord(**entry["record"])
-                    # its values go into domain XML, seed disks and names: only what booted writes
-                    names.check("image", record.image)
-                    domainxml.check_mac(record.mac)
-                    ipaddress.IPv4Address(record.address)
-                except (KeyError, TypeError, ValueError, BootedError):
-                    continue  # an entry booted did not write: the domains still say where VMs are
-                if image == record.image and valid_hypervisor_name(hv) is None:
-                    out[image] = (hv, record)
-        return out
-
-    def save(self, records: dict[str, tuple[str, HostRecord]]) -> None:
-        atomic_write_json(self.path, {image: {"hypervisor": hv, "record": record.__dict__}
-                                      for image, (hv, record) in sorted(records.items())}, mode=0o600)
-
-    def put(self, hv: str, record: HostRecord) -> None:
-        records = self.load()
-        records[record.image] = (hv, record)
-        self.save(records)
-
-    def drop(self, image: str) -> None:
-        records = self.load()
-        if records.pop(image, None) is not None:
-            self.save(records)
-
 
 def _states():
     lv = bindings()
@@ -349,14 +312,17 @@ class LibvirtProvider(Provider):
         return paths
 
     def _drop_stale_bases(self, hv: Hypervisor, keep: str) -> None:
-        """Delete base images of older recipes that no domain on ``hv`` (anyone's) boots from."""
+        """Delete base images of older recipes that nothing on ``hv`` uses: no running domain (anyone's)
+        boots from one, no overlay in the pool (any state dir's, stopped VMs' too) is backed by one."""
         lv = bindings()
         in_use = {keep}
-        for dom in hv.conn.listAllDomains(0):
-            try:
-                text = dom.XMLDesc(0)
-            except lv.libvirtError:
-                return  # cannot tell: keep everything
+        try:
+            texts = [dom.XMLDesc(0) for dom in hv.conn.listAllDomains(0)]
+            texts += [vol.XMLDesc(0) for vol in self.pool(hv).listAllVolumes(0)
+                      if not vol.name().startswith("booted-base-")]
+        except lv.libvirtError:
+            return  # cannot tell: keep everything
+        for text in texts:
             in_use.update(part.split(".")[0] for part in text.split("booted-base-")[1:])
         for vol in self.pool(hv).listAllVolumes(0):
             name = vol.name()
@@ -367,14 +333,14 @@ class LibvirtProvider(Provider):
                     pass
 
     # ------------------------------------------------------------------ records
-    def _scan(self, only: str | None = None):
-        """(found, down): ``found`` = (hypervisor, domain, record) for every VM of this state dir on every
-        hypervisor that answers (one per image: the one booted's records place it on); ``down`` = {name:
-        why} for hypervisors that do not answer. ``only``: scan that hypervisor alone."""
+    def _scan(self, only: str | None = None) -> tuple[list[Vm], dict[str, str]]:
+        """(vms, down): ``vms``: every built VM of this state dir on every hypervisor that answers, with
+        its running domain if it runs; ``down``: {name: why} for hypervisors that do not answer.
+        ``only``: that hypervisor alone."""
         lv = bindings()
         tag = owner_tag()
-        placed = {image: hv for image, (hv, _) in self.records.load().items()}
-        found, down = {}, {}
+        records = self.records.load()
+        vms, down = [], {}
         for hv in self.hypervisors.values():
             if only is not None and hv.name != only:
                 continue
@@ -386,48 +352,73 @@ class LibvirtProvider(Provider):
                     raise failure from None  # one machine: nothing to fail over to
                 down[hv.name] = str(failure)
                 continue
+            running = {}
             for dom in domains:
                 try:
-                    text = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, domainxml.NAMESPACE, 0)
+                    record = HostRecord.from_xml(dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, domainxml.NAMESPACE, 0))
+                    if not record or record.owner != tag:
+                        continue
+                    placed = records.get(record.image)
+                    if placed is not None and placed.hv != hv.name:
+                        continue  # stale: the VM was rebuilt elsewhere while this hypervisor was away
+                    if placed is None or not placed.domain or dom.isPersistent():
+                        placed = self._adopt(hv, dom, record)
+                    if placed is not None and placed.domain and dom.isActive():
+                        running[record.image] = dom
                 except lv.libvirtError:
                     continue  # not booted's, or gone between the list and the lookup
-                record = HostRecord.from_xml(text)
-                if not record or record.owner != tag:
-                    continue
-                if placed.get(record.image, hv.name) != hv.name:
-                    continue  # stale: the VM was rebuilt elsewhere while this hypervisor was away
-                found[record.image] = (hv, dom, record)
+            for image_name, placed in self.records.load().items():
+                if placed.hv == hv.name and placed.domain:
+                    vms.append(Vm(hv, placed.record, placed.domain, running.get(image_name)))
         for name in down:
             if name not in self._noted_down:
                 self._noted_down.add(name)
                 progress(f"libvirt: {down[name]}; its VMs are {UNREACHABLE}")
-        return list(found.values()), down
+        return vms, down
 
-    def _domains(self):
+    def _adopt(self, hv: Hypervisor, dom, record: HostRecord) -> Placed | None:
+        """One of this state dir's domains booted has no record of (an earlier booted defined its VMs
+        persistently; or the record was lost): its XML goes into booted's record, and a persistent
+        definition is dropped (a running VM stays running, as a transient domain). Not an installer's
+        domain (install.py, persistent while the install runs): its build owns it."""
+        lv = bindings()
+        with locked("libvirt-hosts"):
+            placed = self.records.load().get(record.image)
+            if placed is None or not placed.domain:
+                text = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
+                if not domain_of(text, record) or domainxml.parse_domain(text).cdroms:
+                    return placed
+                placed = Placed(hv.name, record, text)
+                self.records.put(placed)
+            if dom.isPersistent():
+                dom.undefineFlags(lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        return placed
+
+    def _vms(self) -> list[Vm]:
         return self._scan()[0]
 
-    def _find(self, image_name: str):
+    def _find(self, image_name: str) -> Vm | None:
         names.check("image", image_name)
-        recorded = self.records.load().get(image_name)
-        found, _ = self._scan(only=recorded[0] if recorded and recorded[0] in self.hypervisors else None)
-        for hv, dom, record in found:
-            if record.image == image_name:
-                return hv, dom, record
-        return None
+        placed = self.records.load().get(image_name)
+        if placed is None or not placed.domain:
+            return None
+        vms, _ = self._scan(only=placed.hv if placed.hv in self.hypervisors else None)
+        return next((vm for vm in vms if vm.record.image == image_name), None)
 
-    def _require(self, image_name: str):
+    def _require(self, image_name: str) -> Vm:
         found = self._find(image_name)
         if found is None:
-            recorded = self.records.load().get(image_name)
-            if recorded:
-                why = self.hypervisor(recorded[0]).check() if recorded[0] in self.hypervisors else None
+            placed = self.records.load().get(image_name)
+            if placed and placed.domain:
+                why = self.hypervisor(placed.hv).check() if placed.hv in self.hypervisors else None
                 if why:
                     raise HypervisorUnreachable(f"{image_name}: its hypervisor does not answer: {why}")
             raise ProviderError("no such libvirt image (build it with `fab image-build --image NAME`)", image=image_name)
         return found
 
-    def _allocate(self, image_name: str, taken: list[HostRecord]) -> tuple[str, str]:
+    def _allocate(self, image_name: str) -> tuple[str, str]:
         """A free address and MAC (call under the hosts lock): not a VM's, nor a hypervisor's own."""
+        taken = [p.record for p in self.records.load().values()]
         used = {r.address for r in taken} | self._hypervisor_addresses()
         macs = {r.mac for r in taken}
         free = [a for a in self.subnet.host_addresses() if a not in used]
@@ -446,10 +437,8 @@ class LibvirtProvider(Provider):
     def plan(self, down: set[str] | frozenset[str] = frozenset()) -> Placement:
         """Where every VM of this provider's environments runs (placement.place; pure).
 
-        Current places come from booted's records (and the domains that answer); ``down``: the
-        hypervisors that do not answer now."""
-        records = self.records.load()
-        current = {image: hv for image, (hv, _) in records.items()}
+        Current places come from booted's records; ``down``: the hypervisors that do not answer now."""
+        current = {image: placed.hv for image, placed in self.records.load().items()}
         vms, pins = [], {}
         memory = int(self.settings["memory_mb"])
         for env in self.config.environments.values():
@@ -482,92 +471,109 @@ class LibvirtProvider(Provider):
         return self.hypervisor(plan.where[image_name])
 
     def _remove_stale(self, hv: Hypervisor) -> None:
-        """Undefine this state dir's domains on ``hv`` that booted's records place elsewhere (a VM
-        rebuilt on another hypervisor while this one was away), if they are shut off."""
+        """Remove what is left on ``hv`` of this state dir's VMs that booted's records place elsewhere
+        (a VM rebuilt on another hypervisor while this one was away): a running domain, and volumes."""
         lv = bindings()
         tag = owner_tag()
-        placed = {image: where for image, (where, _) in self.records.load().items()}
+        placed = {image: p.hv for image, p in self.records.load().items()}
+
+        def elsewhere(image_name: str) -> bool:
+            return placed.get(image_name, hv.name) != hv.name
+
         try:
             domains = hv.conn.listAllDomains(0)
-        except (lv.libvirtError, HypervisorUnreachable):
+            volumes = self.pool(hv).listAllVolumes(0)
+        except (lv.libvirtError, HypervisorUnreachable, ProviderError):
             return
         for dom in domains:
             try:
                 record = HostRecord.from_xml(dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, domainxml.NAMESPACE, 0))
-                if not record or record.owner != tag or placed.get(record.image, hv.name) == hv.name:
+                if not record or record.owner != tag or not elsewhere(record.image):
                     continue
+                progress(f"libvirt: {record.image} runs on {hv.name} but booted placed it on "
+                         f"{placed[record.image]}; stopping the stale copy")
                 if dom.isActive():
-                    progress(f"libvirt: {record.image} runs on {hv.name} but booted placed it on "
-                             f"{placed[record.image]}; stopping the stale copy")
                     dom.destroy()
-                self._undefine_with_volumes(hv, dom, record.image)
-                progress(f"libvirt: removed the stale copy of {record.image} from {hv.name}")
+                if dom.isPersistent():
+                    dom.undefine()
             except lv.libvirtError:
                 continue
+        prefix = f"booted-{tag}-"
+        for vol in volumes:
+            stem, _, suffix = vol.name().rpartition(".")
+            if stem.startswith(prefix) and suffix in ("qcow2", "seed") and elsewhere(stem[len(prefix):]):
+                try:
+                    vol.delete(0)
+                    progress(f"libvirt: removed the stale copy of {stem[len(prefix):]}'s {suffix} from {hv.name}")
+                except lv.libvirtError:
+                    continue
 
     # ------------------------------------------------------------------ provider interface
     def build(self, image_name: str, env) -> Machine:
         if self.settings["install"] == "kickstart":
             return install.build(self, image_name, env, owner=owner_tag())
         found = self._find(image_name)
-        if found and found[1].isActive():
+        if found and found.dom is not None:
             raise ProviderError("is running; stop it before rebuilding", image=image_name)
         old = None
         with locked("libvirt-hosts"):
             if found:
-                hv = found[0]
-                record = replace(found[2], env=env.name if env else found[2].env)
+                hv = found.hv
+                record = replace(found.record, env=env.name if env else found.record.env)
             else:
-                records = self.records.load()
                 hv = self._place(image_name)
-                old = records.get(image_name)
-                if old:  # lost with its hypervisor: the same identity on another one
-                    record = replace(old[1], env=env.name if env else old[1].env)
+                old = self.records.load().get(image_name)
+                if old:  # lost with its hypervisor (or a build cut short): the same identity
+                    record = replace(old.record, env=env.name if env else old.record.env)
                 else:
-                    address, mac = self._allocate(image_name, [r for _, r in records.values()]
-                                                  + [r for _, _, r in self._domains()])
+                    address, mac = self._allocate(image_name)
                     record = HostRecord(image=image_name, owner=owner_tag(), address=address, mac=mac,
                                         env=env.name if env else "", seed_id=str(uuid.uuid4()))
-            self.records.put(hv.name, record)  # placed: parallel builds see it
+            # placed (parallel builds see it); built once its domain XML is recorded below
+            self.records.put(Placed(hv.name, record, found.domain if found else ""))
         self._remove_stale(hv)
         try:
             base = self.ensure_base_volumes(hv)
-            self._define(hv, record, base, overlay_from=None, env=env, uuid_=found[1].UUIDString() if found else "")
+            domain = self._compose(hv, record, base, overlay_from=None, env=env,
+                                   uuid_=_uuid_of(found.domain) if found else "")
         except BaseException:
-            if not found and not old and not self._find(image_name):
+            if not found and not old:
                 with locked("libvirt-hosts"):
                     self.records.drop(image_name)  # not built: not placed
             raise
-        return self._machine(hv, self._require(image_name)[1], record)
+        with locked("libvirt-hosts"):
+            self.records.put(Placed(hv.name, record, domain))
+        return self._machine(self._require(image_name))
 
     def clone(self, source: str, new: str, env) -> Machine:
         names.check("image", new)
-        hv, src_dom, src = self._require(source)
-        if src_dom.isActive():
+        src = self._require(source)
+        if src.dom is not None:
             raise ProviderError("is running; stop it before cloning", image=source)
-        if install.disk_booted(src_dom.XMLDesc(0)):
+        if install.disk_booted(src.domain):
             raise ProviderError("was installed by kickstart; cloning such an image is not supported yet "
                                 "(build another one)", image=source)
-        if self._find(new):
-            raise ProviderError("already exists", image=new)
+        hv = src.hv  # a clone stays with its source's disk
         base = self.ensure_base_volumes(hv)
         with locked("libvirt-hosts"):
-            records = self.records.load()
-            address, mac = self._allocate(new, [r for _, r in records.values()] + [r for _, _, r in self._domains()])
+            if new in self.records.load():
+                raise ProviderError("already exists", image=new)
+            address, mac = self._allocate(new)
             record = HostRecord(image=new, owner=owner_tag(), address=address, mac=mac,
-                                env=env.name if env else src.env, seed_id=str(uuid.uuid4()))
-            self.records.put(hv.name, record)  # a clone stays with its source's disk
-            src_disk = self._volume(hv, f"{self.domain_name(source)}.qcow2")
+                                env=env.name if env else src.record.env, seed_id=str(uuid.uuid4()))
+            self.records.put(Placed(hv.name, record))
             try:
-                self._define(hv, record, base, overlay_from=src_disk, env=env)
+                src_disk = self._volume(hv, f"{self.domain_name(source)}.qcow2")
+                domain = self._compose(hv, record, base, overlay_from=src_disk, env=env)
             except BaseException:
                 self.records.drop(new)
                 raise
-        return self._machine(hv, self._require(new)[1], record)
+            self.records.put(Placed(hv.name, record, domain))
+        return self._machine(self._require(new))
 
-    def _define(self, hv: Hypervisor, record: HostRecord, base: dict[str, str], overlay_from, env,
-                uuid_: str = "") -> None:
-        """Create the VM's volumes (unless they exist) and define (or redefine) its domain."""
+    def _compose(self, hv: Hypervisor, record: HostRecord, base: dict[str, str], overlay_from, env,
+                 uuid_: str = "") -> str:
+        """Create the VM's volumes (its overlay unless it exists; its seed afresh); its domain XML."""
         lv = bindings()
         dom_name = self.domain_name(record.image)
         pool = self.pool(hv)
@@ -583,17 +589,16 @@ class LibvirtProvider(Provider):
                     overlay = self._copy_overlay(hv, overlay_from, f"{dom_name}.qcow2", xml)
                 made.append(overlay)
             seed = self._write_seed(hv, record, env)
-            made.append(seed)
             plan = DomainPlan(
-                name=dom_name, uuid=uuid_, domain_type=self.domain_type(hv), memory_mb=int(self.settings["memory_mb"]),
-                cpus=int(self.settings["cpus"]), kernel=base["kernel"], initrd=base["initrd"], disk=overlay.path(),
-                seed=seed.path(), bridge=self.bridge_on(hv), mac=record.mac,
-                console_log=str(self.storage_dir / f"{dom_name}.console.log"), record=record,
+                name=dom_name, uuid=uuid_ or str(uuid.uuid4()), domain_type=self.domain_type(hv),
+                memory_mb=int(self.settings["memory_mb"]), cpus=int(self.settings["cpus"]), kernel=base["kernel"],
+                initrd=base["initrd"], disk=overlay.path(), seed=seed.path(), bridge=self.bridge_on(hv),
+                mac=record.mac, console_log=str(self.storage_dir / f"{dom_name}.console.log"), record=record,
                 tcg_cache_mb=int(self.settings["tcg_cache_mb"]),
             )
-            hv.conn.defineXML(domainxml.render_domain(plan))
+            return domainxml.render_domain(plan)
         except lv.libvirtError as err:
-            for vol in made if not self._find(record.image) else []:
+            for vol in made:
                 try:
                     vol.delete(0)
                 except lv.libvirtError:
@@ -662,26 +667,28 @@ class LibvirtProvider(Provider):
         lv = bindings()
         found = self._find(image_name)
         if found is None:
-            recorded = self.records.load().get(image_name)
-            if recorded and recorded[0] in self.hypervisors and self.hypervisor(recorded[0]).check():
+            placed = self.records.load().get(image_name)
+            if placed and placed.domain and placed.hv in self.hypervisors and self.hypervisor(placed.hv).check():
                 # its hypervisor is gone: build it afresh where placement puts it now
                 self.build(image_name, self.config.image_env(image_name))
-                progress(f"{image_name}: rebuilt on {self.records.load()[image_name][0]} "
-                         f"(its hypervisor {recorded[0]} does not answer)")
+                progress(f"{image_name}: rebuilt on {self.records.load()[image_name].hv} "
+                         f"(its hypervisor {placed.hv} does not answer)")
             found = self._require(image_name)
-        hv, dom, record = found
-        if dom.isActive():
-            return self._machine(hv, dom, record)
-        if hv.local:
+        if found.dom is not None:
+            return self._machine(found)
+        if found.hv.local:
             self.endpoint_ready()
-        facts = domainxml.parse_domain(dom.XMLDesc(0))
         try:
-            dom.create()
+            # transient: the domain exists while the VM runs, and is gone once it is off
+            dom = found.hv.conn.createXML(found.domain, 0)
         except lv.libvirtError as err:
+            again = self._find(image_name)
+            if again is not None and again.dom is not None:
+                return self._machine(again)  # another booted started it meanwhile
+            console = domainxml.parse_domain(found.domain).console_log
             raise ProviderError(f"did not start: {err.get_error_message()}"
-                                + (f" (console: {facts.console_log})" if facts.console_log else ""),
-                                image=image_name) from None
-        return self._machine(hv, dom, record)
+                                + (f" (console: {console})" if console else ""), image=image_name) from None
+        return self._machine(replace(found, dom=dom))
 
     def stop(self, image_name: str, force: bool = False) -> Machine:
         lv = bindings()
@@ -691,71 +698,68 @@ class LibvirtProvider(Provider):
             if lost is not None:  # its hypervisor is gone, and it with it
                 return lost
             found = self._require(image_name)
-        hv, dom, record = found
-        if not dom.isActive():
-            return self._machine(hv, dom, record)
+        dom = found.dom
+        if dom is None:
+            return self._machine(found)
         timeout = float(self.settings["stop_timeout_s"])
         if not force:
             try:
                 dom.shutdown()  # an ACPI power-button press: the guest's systemd powers off in order
-                wait_until(lambda: not dom.isActive(), timeout=timeout, what=f"{image_name} to shut down",
-                           interval=0.2)
+                wait_until(lambda: not _runs(dom), timeout=timeout, what=f"{image_name} to shut down", interval=0.2)
             except lv.libvirtError:
                 force = True  # it went away under us, or refuses ACPI: destroy below if still running
             except WaitTimeout:
                 progress(f"{image_name}: no clean shutdown within {timeout:g}s; powering it off")
                 force = True
-        if force and dom.isActive():
+        if force and _runs(dom):
             try:
                 dom.destroy()
             except lv.libvirtError as err:
-                if dom.isActive():
+                if _runs(dom):
                     raise ProviderError(f"could not power off: {err.get_error_message()}", image=image_name) from None
-        return self._machine(hv, dom, record)
+        return self._machine(replace(found, dom=None))
 
     def delete(self, image_name: str) -> None:
-        hv, dom, record = self._require(image_name)
-        if dom.isActive():
+        vm = self._require(image_name)
+        if vm.dom is not None:
             raise ProviderError("is running; stop it first", image=image_name)
-        self._undefine_with_volumes(hv, dom, image_name)
+        self._remove_volumes(vm)
         with locked("libvirt-hosts"):
             self.records.drop(image_name)
-        ssh.forget(record.address)
+        ssh.forget(vm.record.address)
 
-    def _undefine_with_volumes(self, hv: Hypervisor, dom, image_name: str) -> None:
+    def _remove_volumes(self, vm: Vm) -> None:
+        """The VM's own volumes (its overlay or disk, its seed) and console log; never the shared base."""
         lv = bindings()
-        facts = domainxml.parse_domain(dom.XMLDesc(0))
-        try:
-            dom.undefineFlags(lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-        except lv.libvirtError as err:
-            raise ProviderError(f"could not undefine: {err.get_error_message()}", image=image_name) from None
+        hv = vm.hv
         self.pool(hv)  # the storage pool must answer before its volumes are removed
-        for path in facts.disks:
-            if not Path(path).name.startswith(self.domain_name(image_name) + "."):
+        for path in vm.disks:
+            if not Path(path).name.startswith(self.domain_name(vm.record.image) + "."):
                 continue  # the shared base image and kernel stay
             try:
                 hv.conn.storageVolLookupByPath(path).delete(0)
             except lv.libvirtError:
                 if hv.local:
                     Path(path).unlink(missing_ok=True)
-        if hv.local and facts.console_log:
-            Path(facts.console_log).unlink(missing_ok=True)
+        console = domainxml.parse_domain(vm.domain).console_log
+        if hv.local and console:
+            Path(console).unlink(missing_ok=True)
 
     def list(self) -> list[Machine]:
-        found, down = self._scan()
-        machines = [self._machine(hv, dom, record) for hv, dom, record in found]
+        vms, down = self._scan()
+        machines = [self._machine(vm) for vm in vms]
         listed = {m.name for m in machines}
-        for image_name, (where, record) in self.records.load().items():
-            if image_name not in listed and where in down:
-                machines.append(self._lost_machine(where, record, down[where]))
+        for image_name, placed in self.records.load().items():
+            if image_name not in listed and placed.domain and placed.hv in down:
+                machines.append(self._lost_machine(placed.hv, placed.record, down[placed.hv]))
         return machines
 
     def _lost(self, image_name: str) -> Machine | None:
-        recorded = self.records.load().get(image_name)
-        if not recorded or recorded[0] not in self.hypervisors:
+        placed = self.records.load().get(image_name)
+        if not placed or placed.hv not in self.hypervisors:
             return None
-        why = self.hypervisor(recorded[0]).check()
-        return self._lost_machine(recorded[0], recorded[1], why) if why else None
+        why = self.hypervisor(placed.hv).check()
+        return self._lost_machine(placed.hv, placed.record, why) if why else None
 
     def _lost_machine(self, where: str, record: HostRecord, why: str) -> Machine:
         return Machine(name=record.image, provider=self.name, state=UNREACHABLE, macs=[record.mac],
@@ -764,19 +768,34 @@ class LibvirtProvider(Provider):
                                "console": "", "taps": [], "unreachable": why})
 
     # ------------------------------------------------------------------ helpers
-    def _machine(self, hv: Hypervisor, dom, record: HostRecord) -> Machine:
+    def _machine(self, vm: Vm) -> Machine:
+        """What image-list shows: a running VM as its domain says, a stopped one as booted's record says."""
         lv = bindings()
-        try:
-            state = _states().get(dom.state()[0], "unknown")
-            facts = domainxml.parse_domain(dom.XMLDesc(0))
-        except lv.libvirtError:
-            state, facts = "gone", None
+        state, facts = STOPPED, domainxml.parse_domain(vm.domain)
+        if vm.dom is not None:
+            try:
+                state = _states().get(vm.dom.state()[0], "unknown")
+                facts = domainxml.parse_domain(vm.dom.XMLDesc(0))
+            except lv.libvirtError:
+                state = STOPPED  # a transient domain is gone once the VM is off
         return Machine(
-            name=record.image, provider=self.name, state=state,
-            macs=facts.macs if facts else [record.mac], addresses=[record.address],
-            detail={"env": record.env or None, "hypervisor": hv.name, "domain": dom.name(),
-                    "console": facts.console_log if facts else "", "taps": facts.taps if facts else []},
+            name=vm.record.image, provider=self.name, state=state, macs=facts.macs or [vm.record.mac],
+            addresses=[vm.record.address],
+            detail={"env": vm.record.env or None, "hypervisor": vm.hv.name, "domain": self.domain_name(vm.record.image),
+                    "console": facts.console_log, "taps": facts.taps if state != STOPPED else []},
         )
+
+
+def _runs(dom) -> bool:
+    """Whether a (transient) domain still runs: once the VM is off it is gone, and asking about it fails."""
+    try:
+        return bool(dom.isActive())
+    except bindings().libvirtError:
+        return False
+
+
+def _uuid_of(domain: str) -> str:
+    return domainxml.parse_domain(domain).uuid
 
 
 PROVIDER = LibvirtProvider
