@@ -233,13 +233,14 @@ class BringupLab:
     # -------------------------------------------------------------- floor
     def floor_up(self, n: int) -> sbs.Outcome:
         """N+1 plain nspawn containers, fresh overlays, same bridge: time until every one answers SSH."""
+        from fabfile.providers import bridge
         from fabfile.providers.local import containment
         from fabfile.providers.local import network as localnet
 
         with self.lab.activated():
             prov = self.provider()
             image_root = prov.image_root()
-            subnet = localnet.Subnet.parse(self.lab.subnet)
+            subnet = bridge.Subnet.parse(self.lab.subnet)
             addresses = floor_addresses(self.lab.subnet, n + 1)
             tag = f"{os.getpid() % 100000:05d}"
             hosts = []
@@ -268,7 +269,7 @@ class BringupLab:
                         raise RuntimeError(f"floor host {h['address']} did not answer on SSH")
                     time.sleep(0.1)
 
-            localnet.ensure_bridge(self.lab.bridge, subnet)
+            bridge.ensure_bridge(self.lab.bridge, subnet)
             begin = time.perf_counter()
             problems = []
             with ThreadPoolExecutor(max_workers=len(hosts)) as pool:

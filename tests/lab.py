@@ -157,7 +157,7 @@ class Lab:
         problems = []
         with self.activated():
             from fabfile.hosts import endpoint as nginxctl
-            from fabfile.providers import get_provider, load_config
+            from fabfile.providers import bridge, get_provider, load_config
             from fabfile.providers.local import network as localnet
 
             try:
@@ -172,7 +172,7 @@ class Lab:
                     except Exception as err:
                         problems.append(f"{folder.name}: {err}")
                 localnet.host_down(localnet.HostLink.for_image(folder.name))
-            localnet.remove_bridge(self.bridge)
+            bridge.remove_bridge(self.bridge)
             nginxctl.stop()
         if problems:
             print("lab teardown: " + "; ".join(problems), file=sys.stderr)

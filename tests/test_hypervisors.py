@@ -225,6 +225,10 @@ def test_power_cut_of_a_hypervisor_under_load_fails_no_request_and_its_worker_is
 def test_env_stop_then_delete_leaves_no_vm_on_the_surviving_hypervisor(multi):
     started = time.monotonic()
     assert multi.fab("env-stop", "--env", ENV, timeout=300).ok
+    # stopped VMs are their volumes and booted's records: no domain is left on the hypervisor
+    assert multi.hvlab.virsh("hv1", "list", "--all", "--name").stdout.strip() == ""
+    assert {image: state for image, (_, state) in multi.placement().items()} == {LB: "poweroff", W1: "poweroff",
+                                                                                 W2: "poweroff"}
     for image in (LB, W1, W2):
         result = multi.fab("image-del", "--image", image, "--yes", timeout=120)
         assert result.ok, result

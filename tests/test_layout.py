@@ -143,3 +143,16 @@ def test_each_provider_is_one_folder_with_settings_and_provider():
     for name in providers.NAMES:
         folder = PKG / "providers" / name
         assert (folder / "settings.py").is_file() and (folder / "provider.py").is_file(), folder
+
+
+def test_each_provider_folder_stands_alone():
+    """A provider uses another only through the registry (``get_provider``), never its modules:
+    what two providers share lives below them in fabfile/providers/ (rootfs, bridge, kickstart)."""
+    for module in MODULES:
+        parts = module.split(".")
+        if len(parts) < 4 or parts[1] != "providers" or parts[2] not in providers.NAMES:
+            continue
+        for target, _, line in GRAPH[module]:
+            t = target.split(".")
+            if len(t) >= 3 and t[1] == "providers" and t[2] in providers.NAMES and t[2] != parts[2]:
+                pytest.fail(f"{MODULES[module].relative_to(ROOT)}:{line} imports {target}, another provider's module")

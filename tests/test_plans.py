@@ -7,11 +7,11 @@ from fabfile.core import templates
 from fabfile.core.errors import BootedError, UsageError
 from fabfile.core.fanout import HostResult, fan_out, summary
 from fabfile.core.names import check
-from fabfile.providers import load_config
+from fabfile.providers import bridge, load_config
 from fabfile.providers.local import network as localnet
 from fabfile.services import release
 
-SUBNET = localnet.Subnet.parse("10.77.0.0/24")
+SUBNET = bridge.Subnet.parse("10.77.0.0/24")
 LINK = localnet.HostLink(netns="booted-abc", veth="vbabc")
 
 
@@ -23,7 +23,7 @@ LINK = localnet.HostLink(netns="booted-abc", veth="vbabc")
     (True, True, [["ip", "link", "set", "br0", "up"]]),
 ])
 def test_bridge_plan(present, has_address, expected):
-    assert localnet.plan_bridge("br0", SUBNET, present, has_address) == expected
+    assert bridge.plan_bridge("br0", SUBNET, present, has_address) == expected
 
 
 def test_host_plan_gives_each_host_its_own_namespace_address_and_mac():

@@ -132,9 +132,9 @@ class VmLab(Lab):
             path.unlink(missing_ok=True)
         with self.activated():
             from fabfile.hosts import endpoint
-            from fabfile.providers.local import network as localnet
+            from fabfile.providers import bridge
 
-            localnet.remove_bridge(self.bridge)
+            bridge.remove_bridge(self.bridge)
             endpoint.stop()
         if self.started_daemons:
             from fabfile.providers.libvirt.hypervisor import stop_daemons

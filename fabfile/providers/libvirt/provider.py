@@ -44,6 +44,7 @@ from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import poll, progress, wait_until
 from fabfile.core.state import locked, state_dir
 from fabfile.hosts import callhome
+from fabfile.providers import bridge, get_provider, rootfs
 from fabfile.providers.base import RUNNING, STOPPED, UNREACHABLE, Machine, Provider
 from fabfile.providers.libvirt import domainxml, hypervisor, image, install
 from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord
@@ -58,8 +59,6 @@ from fabfile.providers.libvirt.placement import (
     place,
 )
 from fabfile.providers.libvirt.records import Placed, Vm, VmRecords, domain_of
-from fabfile.providers.local import network as localnet
-from fabfile.providers.local.provider import LocalProvider, image_cache_dir
 
 
 def owner_tag() -> str:
@@ -97,8 +96,8 @@ class LibvirtProvider(Provider):
 
     # ------------------------------------------------------------------ settings
     @property
-    def subnet(self) -> localnet.Subnet:
-        return localnet.Subnet.parse(self.settings["subnet"])
+    def subnet(self) -> bridge.Subnet:
+        return bridge.Subnet.parse(self.settings["subnet"])
 
     @property
     def bridge(self) -> str:
@@ -152,7 +151,7 @@ class LibvirtProvider(Provider):
         """booted's bridge, with the gateway address nginx listens on, when VMs run on this machine's
         daemon. For remote hypervisors the user's LAN bridge holds this machine's address (README)."""
         if any(hv.local for hv in self.hypervisors.values()):
-            localnet.ensure_bridge(self.bridge, self.subnet)
+            bridge.ensure_bridge(self.bridge, self.subnet)
 
     # ------------------------------------------------------------------ storage
     def pool(self, hv: Hypervisor):
@@ -259,24 +258,31 @@ class LibvirtProvider(Provider):
                 pass
             raise ProviderError(f"libvirt {hv.uri}: uploading {src.name}: {err.get_error_message()}") from None
 
+    def _rootfs(self) -> rootfs.DebianRootfs:
+        """The root file system the base image is made of: the local provider's (its suite setting)."""
+        return rootfs.DebianRootfs(self.config.provider_settings("local")["suite"])
+
+    def _rootfs_ready(self) -> rootfs.DebianRootfs:
+        fs = self._rootfs()
+        # a rebuild must not pull it from under local hosts running on it (the local provider knows)
+        fs.ensure(refresh=False, in_use=lambda: any(m.running for m in get_provider("local", self.config).list()))
+        return fs
+
     def base_image(self) -> image.BaseImage:
-        """The VM base image on this machine, built from the local provider's root file system."""
+        """The VM base image on this machine, built from booted's Debian root file system."""
         if self._base is None:
-            local = LocalProvider(self.config)
-            rootfs = local.ensure_image(refresh=False)
-            cache = image_cache_dir() / local.suite / "libvirt"
-            self._base = image.ensure_base(rootfs, local.image_marker(), cache, int(self.settings["disk_mb"]),
-                                           image.VM_PROVISION)
+            fs = self._rootfs_ready()
+            self._base = image.ensure_base(fs.root, fs.marker, rootfs.image_cache_dir() / fs.suite / "libvirt",
+                                           int(self.settings["disk_mb"]), image.VM_PROVISION)
         return self._base
 
     def base_names(self) -> image.BaseImage:
         """The current base image's names (its digest), without building it."""
         if self._base is not None:
             return self._base
-        local = LocalProvider(self.config)
-        local.ensure_image(refresh=False)
-        return image.base_files(image_cache_dir() / local.suite / "libvirt",
-                                image.base_digest(local.image_marker(), int(self.settings["disk_mb"])))
+        fs = self._rootfs_ready()
+        return image.base_files(rootfs.image_cache_dir() / fs.suite / "libvirt",
+                                image.base_digest(fs.marker, int(self.settings["disk_mb"])))
 
     def ensure_base_volumes(self, hv: Hypervisor) -> dict[str, str]:
         """The base image's volumes on ``hv`` (uploaded there unless it has this exact base): role -> path.

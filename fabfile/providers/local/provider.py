@@ -15,7 +15,6 @@ This machine's PID 1 is not systemd, hence ``--keep-unit --register=no``.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -34,43 +33,10 @@ from fabfile.core.output import progress, wait_until
 from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
 from fabfile.hosts import callhome
 from fabfile.hosts.provision import USER_SETUP
+from fabfile.providers import bridge, rootfs
 from fabfile.providers.base import RUNNING, STOPPED, Machine, Provider
 from fabfile.providers.local import containment
 from fabfile.providers.local import network as localnet
-
-PACKAGES = [
-    "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "curl", "iproute2", "sudo",
-    "nginx-light", "procps",
-]
-# Bump when the recipe below changes: image-build then rebuilds the cached base image.
-RECIPE_VERSION = "3"
-
-# Run once inside the new base image (chroot). Fixed text; no data is interpolated.
-BASE_CUSTOMIZE = r"""
-set -eu
-rm -f /etc/ssh/ssh_host_*
-: > /etc/machine-id
-rm -f /var/lib/dbus/machine-id
-# nginx only runs on load balancer hosts, which booted configures and enables itself.
-rm -f /etc/systemd/system/multi-user.target.wants/nginx.service
-rm -rf /var/cache/apt/archives/*.deb /var/lib/apt/lists/*
-mkdir -p /etc/systemd/system/ssh.service.d /etc/booted
-# Each host makes its own SSH host keys on first boot (clones must not share them).
-cat > /etc/systemd/system/ssh.service.d/booted-keygen.conf <<'EOF'
-[Service]
-ExecStartPre=
-ExecStartPre=/usr/bin/ssh-keygen -A
-ExecStartPre=/usr/sbin/sshd -t
-EOF
-cat > /etc/ssh/sshd_config.d/booted.conf <<'EOF'
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-UseDNS no
-PrintMotd no
-MaxStartups 100:30:200
-EOF
-"""
 
 # Run by booted-provision.service on the host's first boot, before sshd and the call home, so a
 # build costs no container run of its own (it used to boot a throw-away nspawn per host). Fixed
@@ -150,40 +116,6 @@ def host_folder(name: str) -> Path:
     return state_path("local", "hosts", name, ".keep").parent
 
 
-def image_cache_dir() -> Path:
-    """Where the base image lives: ``BOOTED_IMAGE_CACHE`` (shared by test runs) or the state dir."""
-    override = os.environ.get("BOOTED_IMAGE_CACHE")
-    path = Path(override) if override else state_path("local", "image", ".keep").parent
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def apt_mirror(suite: str) -> str | None:
-    """The Debian mirror apt on this machine already uses, if it serves ``suite``; else debootstrap's default."""
-    candidates = []
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if sources.exists():
-        block: dict[str, str] = {}
-        for line in sources.read_text().splitlines() + [""]:
-            if not line.strip():
-                if suite in block.get("Suites", "").split() and "deb" in block.get("Types", "").split():
-                    candidates += block.get("URIs", "").split()
-                block = {}
-            elif not line.startswith("#") and ":" in line:
-                key, _, value = line.partition(":")
-                block[key.strip()] = value.strip()
-    listfile = Path("/etc/apt/sources.list")
-    if listfile.exists():
-        for line in listfile.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and parts[2] == suite:
-                candidates.append(parts[1] if not parts[1].startswith("[") else parts[2])
-    for uri in candidates:
-        if uri.startswith(("http://", "https://")):
-            return uri
-    return None
-
-
 class LocalProvider(Provider):
     name = "local"
 
@@ -192,60 +124,27 @@ class LocalProvider(Provider):
     def suite(self) -> str:
         return self.settings["suite"]
 
+    @property
+    def rootfs(self) -> rootfs.DebianRootfs:
+        return rootfs.DebianRootfs(self.suite)
+
     def image_root(self) -> Path:
-        return image_cache_dir() / self.suite / "rootfs"
-
-    def image_marker(self) -> str:
-        return json.dumps({"recipe": RECIPE_VERSION, "packages": PACKAGES, "suite": self.suite}, sort_keys=True)
-
-    def image_current(self) -> bool:
-        marker = self.image_root() / "etc" / "booted-image.json"
-        return marker.exists() and marker.read_text() == self.image_marker()
+        return self.rootfs.root
 
     def ensure_image(self, refresh: bool = False) -> Path:
-        """Build the base image with debootstrap unless a current one is cached."""
-        root = self.image_root()
-        with locked("local-image"):
-            if self.image_current() and not refresh:
-                return root
-            if any(h.running for h in self.list()) and root.exists():
-                raise ProviderError("the base image needs a rebuild but local hosts are running on it; stop them first")
-            for tool in ("debootstrap", "systemd-nspawn"):
-                if localcmd.which(tool) is None:
-                    raise ProviderError(f"{tool} is missing: apt-get install debootstrap systemd-container")
-            build = root.parent / f".build-{os.getpid()}"
-            shutil.rmtree(build, ignore_errors=True)
-            build.parent.mkdir(parents=True, exist_ok=True)
-            argv = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", self.suite, str(build)]
-            mirror = apt_mirror(self.suite)
-            if mirror:
-                argv.append(mirror)
-            progress(f"local: building the base image ({self.suite}) with debootstrap; this takes about a minute")
-            try:
-                localcmd.run_logged(argv, state_path("local", "debootstrap.log"), timeout=1200, what="debootstrap")
-                localcmd.run(["chroot", str(build), "/bin/sh", "-c", BASE_CUSTOMIZE], timeout=120)
-                atomic_write(build / "etc" / "booted-image.json", self.image_marker())
-            except BaseException:
-                shutil.rmtree(build, ignore_errors=True)
-                raise
-            old = root.parent / f".old-{os.getpid()}"
-            if root.exists():
-                root.rename(old)
-            build.rename(root)
-            shutil.rmtree(old, ignore_errors=True)
-            progress(f"local: base image ready at {root}")
-            return root
+        """The base image, built with debootstrap unless a current one is cached."""
+        return self.rootfs.ensure(refresh, in_use=lambda: any(h.running for h in self.list()))
 
     # ------------------------------------------------------------------ host records
     @property
-    def subnet(self) -> localnet.Subnet:
-        return localnet.Subnet.parse(self.settings["subnet"])
+    def subnet(self) -> bridge.Subnet:
+        return bridge.Subnet.parse(self.settings["subnet"])
 
     def booted_address(self) -> str:
         return self.subnet.gateway
 
     def endpoint_ready(self) -> None:
-        localnet.ensure_bridge(self.bridge, self.subnet)  # the gateway address lives on the bridge
+        bridge.ensure_bridge(self.bridge, self.subnet)  # the gateway address lives on the bridge
 
     @property
     def bridge(self) -> str:
@@ -347,13 +246,13 @@ class LocalProvider(Provider):
 
     def start(self, image: str) -> Machine:
         host = self._host(image)
-        if not self.image_current() and not self.image_root().exists():
+        if not self.image_root().exists():
             raise ProviderError("the base image is missing; run `fab image-build --image NAME` first", image=image)
         if self._pid(host):
             return self._machine(host)
         ensure_inotify_limits()
         self._clean_stale(host)
-        localnet.ensure_bridge(self.bridge, self.subnet)
+        bridge.ensure_bridge(self.bridge, self.subnet)
         try:
             localnet.host_up(host.link, self.bridge, self.subnet, host.address, host.mac)
             cgroups = self._make_cgroups(host)
