@@ -45,7 +45,7 @@ providers:
     memory_mb: 512
     boot_timeout_s: 420
     stop_timeout_s: 30
-    connect_timeout_s: 10
+    connect_timeout_s: 20        # a dead machine fails sooner: ssh's ConnectTimeout=3 (hypervisor_lab.py)
     hypervisors:
       hv1: {{uri: {uri1}}}
       hv2: {{uri: {uri2}}}

@@ -255,16 +255,26 @@ def machine(name: str, state: str) -> Machine:
     return Machine(name=name, provider="libvirt", state=state)
 
 
-@pytest.mark.parametrize("inventory, machines, lost", [
-    (["w1", "w2"], {"w1": "running", "w2": "running"}, []),
-    (["w1", "w2"], {"w1": UNREACHABLE, "w2": "running"}, ["w1"]),
-    (["lb", "w1"], {"lb": UNREACHABLE, "w1": UNREACHABLE}, ["lb", "w1"]),
-    (["w1"], {"w1": "poweroff"}, []),  # stopped is not lost: the monitor's rules handle it
-    (["w1"], {}, []),  # not listed at all is no proof of a loss
-    ([], {"w1": UNREACHABLE}, []),  # already out of the inventory
+# (inventory, machine states, first seen unreachable, lost at t=100 with lost_after_s 30, since' )
+@pytest.mark.parametrize("inventory, machines, since, lost, since_after", [
+    (["w1", "w2"], {"w1": "running", "w2": "running"}, {}, [], {}),
+    (["w1", "w2"], {"w1": UNREACHABLE, "w2": "running"}, {}, [], {"w1": 100}),  # first look: not yet
+    (["w1", "w2"], {"w1": UNREACHABLE, "w2": "running"}, {"w1": 80}, [], {"w1": 80}),  # 20 s: not yet
+    (["w1", "w2"], {"w1": UNREACHABLE, "w2": "running"}, {"w1": 70}, ["w1"], {"w1": 70}),  # 30 s: lost
+    (["lb", "w1"], {"lb": UNREACHABLE, "w1": UNREACHABLE}, {"lb": 1, "w1": 1}, ["lb", "w1"], {"lb": 1, "w1": 1}),
+    (["w1"], {"w1": "running"}, {"w1": 1}, [], {}),  # it answers again: forgiven, the clock restarts
+    (["w1"], {"w1": "poweroff"}, {"w1": 1}, [], {}),  # stopped is not lost: the monitor's rules handle it
+    (["w1"], {}, {}, [], {}),  # not listed at all is no proof of a loss
+    ([], {"w1": UNREACHABLE}, {"w1": 1}, [], {}),  # already out of the inventory
 ])
-def test_lost_hosts(inventory, machines, lost):
-    assert plans.lost_hosts({i: entry(i) for i in inventory}, {n: machine(n, s) for n, s in machines.items()}) == lost
+def test_lost_hosts(inventory, machines, since, lost, since_after):
+    assert plans.lost_hosts({i: entry(i) for i in inventory}, {n: machine(n, s) for n, s in machines.items()},
+                            since, now=100, after_s=30) == (lost, since_after)
+
+
+def test_lost_at_once_with_no_grace():
+    assert plans.lost_hosts({"w1": entry("w1")}, {"w1": machine("w1", UNREACHABLE)}, {}, now=5, after_s=0) \
+        == (["w1"], {"w1": 5})
 
 
 def test_the_policy_replaces_a_lost_worker_at_once_below_the_minimum():

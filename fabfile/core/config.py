@@ -281,6 +281,8 @@ class MonitorSettings:
     down_cooldown_s: float = 300.0
     health_failures: int = 3
     warmup_timeout_s: float = 180.0
+    # a host whose machine does not answer (its hypervisor) counts as lost only after this long
+    lost_after_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -355,6 +357,7 @@ _MONITOR_CHECKS = {
     "down_cooldown_s": non_negative,
     "health_failures": positive,
     "warmup_timeout_s": positive,
+    "lost_after_s": non_negative,
 }
 
 

@@ -108,13 +108,15 @@ class EnvironmentWorld:
     def __init__(self, cfg: Config, env: Environment):
         self.cfg, self.env = cfg, env
         self.service = environment.service_of(env)
+        self.unreachable_since: dict[str, float] = {}  # image -> when its machine first did not answer
 
     def observe(self, should_stop: Callable[[], bool]) -> Observation | None:
         settings = self.env.monitor
         machines = {m.name: m for m in environment.provider_of(self.cfg, self.env).list()}
         running = frozenset(w for w in self.env.workers if w in machines and machines[w].running)
         entries = {e.image: e for e in Inventory().hosts(env=self.env.name)}
-        lost = plans.lost_hosts(entries, machines)
+        lost, self.unreachable_since = plans.lost_hosts(entries, machines, self.unreachable_since,
+                                                        time.monotonic(), settings.lost_after_s)
         if lost:
             entries = environment.forget_lost(self.cfg, self.env, lost)
         lbs = [e for e in entries.values() if "loadbalancers" in e.roles]

@@ -110,8 +110,15 @@ def roll(workers: list[str], steps: RollingSteps,
     return results
 
 
-def lost_hosts(entries: Mapping[str, HostEntry], known: Mapping[str, Machine]) -> list[str]:
-    """The inventory's images whose machine is lost with the machine running it (a hypervisor that does
-    not answer): they leave the inventory and the load balancers. An image the provider does not list
-    at all stays (that is not proof of its loss: it may belong to another provider's view)."""
-    return sorted(image for image in entries if image in known and known[image].state == UNREACHABLE)
+def lost_hosts(entries: Mapping[str, HostEntry], known: Mapping[str, Machine], since: Mapping[str, float],
+               now: float, after_s: float) -> tuple[list[str], dict[str, float]]:
+    """(lost, since'): the inventory's images lost with the machine running them (a hypervisor that does
+    not answer) for ``after_s`` or longer: they leave the inventory and the load balancers. ``since``:
+    when each was first seen unreachable (since' is it updated with this look; an image that answers
+    again drops out). One slow answer is not a loss: a hypervisor under load can miss a connect
+    timeout, and leaving the inventory is not undone when it answers again (hosts call home only when
+    they boot). An image the provider does not list at all stays (that is not proof of its loss: it
+    may belong to another provider's view)."""
+    unreachable = {image: since.get(image, now) for image in entries
+                   if image in known and known[image].state == UNREACHABLE}
+    return sorted(image for image, first in unreachable.items() if now - first >= after_s), unreachable
