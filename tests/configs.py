@@ -8,22 +8,22 @@ from pathlib import Path
 from fabfile.providers import load_config
 
 
-def two_environments(provider: str, other: str = "dev-env", other_image: str = "dev-box") -> str:
+def environment(name: str, provider: str, loadbalancers: list[str], workers: list[str]) -> str:
+    """One environment's block (under ``environments:``) serving hello v1."""
+    images = list(dict.fromkeys(loadbalancers + workers))
     return f"""\
-environments:
-  prod:
+  {name}:
     provider: {provider}
-    images: [prod-lb1, prod-web1, prod-web2]
-    roles: {{loadbalancers: [prod-lb1], workers: [prod-web1, prod-web2]}}
-    service: hello
-    version: v1
-  {other}:
-    provider: {provider}
-    images: [{other_image}]
-    roles: {{loadbalancers: [{other_image}], workers: [{other_image}]}}
+    images: [{", ".join(images)}]
+    roles: {{loadbalancers: [{", ".join(loadbalancers)}], workers: [{", ".join(workers)}]}}
     service: hello
     version: v1
 """
+
+
+def two_environments(provider: str, other: str = "dev-env", other_image: str = "dev-box") -> str:
+    return ("environments:\n" + environment("prod", provider, ["prod-lb1"], ["prod-web1", "prod-web2"])
+            + environment(other, provider, [other_image], [other_image]))
 
 
 def use_config(tmp_path: Path, monkeypatch, text: str, state: Path | None = None):

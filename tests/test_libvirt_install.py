@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 
 import ks_standin
 import pytest
+from configs import environment
 from pykickstart.constants import KS_SHUTDOWN
 from pykickstart.errors import KickstartError, KickstartParseWarning
 from pykickstart.parser import KickstartParser
@@ -310,13 +311,7 @@ providers:
   libvirt: {{uri: "test:///default", storage_dir: {storage}, subnet: 10.201.9.0/28, bridge: btstks0,
             install: kickstart, iso: "{iso}", install_timeout_s: 1}}
 environments:
-  kvm:
-    provider: libvirt
-    images: [kvm-w1]
-    roles: {{loadbalancers: [kvm-w1], workers: [kvm-w1]}}
-    service: hello
-    version: v1
-"""
+""" + environment("kvm", "libvirt", ["kvm-w1"], ["kvm-w1"]).replace("{", "{{").replace("}", "}}")
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (pip install -e '.[test]')")
 
+from configs import environment  # noqa: E402
 from libvirt_fakes import fake_base_image  # noqa: E402
 from libvirt_testdriver import clear  # noqa: E402
 
@@ -28,13 +29,7 @@ CONFIG = textwrap.dedent("""\
       libvirt: {{uri: "test:///default", storage_dir: {storage}, subnet: 10.201.7.0/28, bridge: btstlv0,
                 stop_timeout_s: 1}}
     environments:
-      vms:
-        provider: libvirt
-        images: [vm-lb, vm-w1, vm-w2]
-        roles: {{loadbalancers: [vm-lb], workers: [vm-w1, vm-w2]}}
-        service: hello
-        version: v1
-    """)
+    """) + environment("vms", "libvirt", ["vm-lb"], ["vm-w1", "vm-w2"]).replace("{", "{{").replace("}", "}}")
 
 
 @pytest.fixture
