@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -376,6 +377,19 @@ def test_a_probe_begun_early_answers_the_later_probe_of_its_addresses(listeners,
     assert probe_ssh(["127.0.0.2", "127.0.0.4"], port=listeners.port, timeout=2.0)["127.0.0.2"] is False  # not covered
     assert probe_ssh(["127.0.0.2"], port=listeners.port, timeout=2.0) == {"127.0.0.2": True}  # the early answer
     assert probe_ssh(["127.0.0.2"], port=listeners.port, timeout=2.0) == {"127.0.0.2": False}  # taken once only
+
+
+def test_an_early_probe_that_failed_is_probed_again_without_a_traceback(listeners, monkeypatch, no_early_probe):
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)  # what would print the thread's traceback
+    listeners.listen("127.0.0.2")
+    real_batch = reach._probe_batch
+    monkeypatch.setattr(reach, "_probe_batch", lambda *a: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+    reach.begin(["127.0.0.2"], port=listeners.port, timeout=2.0)
+    reach._early.join()
+    monkeypatch.setattr(reach, "_probe_batch", real_batch)
+    assert probe_ssh(["127.0.0.2"], port=listeners.port, timeout=2.0) == {"127.0.0.2": True}
+    assert raised == []
 
 
 def test_only_hosts_filter_begins_its_probe_early_and_only_from_a_sound_inventory(cfg, monkeypatch, no_early_probe):

@@ -50,7 +50,10 @@ class _Early(threading.Thread):
 
     def run(self) -> None:
         addresses, port, timeout = self.key
-        self.results = probe_ssh(addresses, port, timeout)  # None if it failed: then probed again
+        try:
+            self.results = probe_ssh(addresses, port, timeout)
+        except OSError:  # out of sockets, say: the task's own probe meets it again, and reports it
+            self.results = None
 
 
 _early: _Early | None = None
@@ -90,7 +93,7 @@ def _take_early(addresses: set[str], port: int, timeout: float) -> dict[str, boo
         return None
     _early = None
     early.join()
-    return early.results
+    return early.results  # None if it failed: then probed again
 
 
 def _probe_batch(addresses: list[str], port: int, timeout: float) -> dict[str, bool]:
