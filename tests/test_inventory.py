@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from configs import two_environments, use_config
 
 from fabfile.core.errors import ConfigError, UsageError
 from fabfile.hosts import inventory as inv_mod
+from fabfile.hosts import reach
 from fabfile.hosts.bootlog import Call
 from fabfile.hosts.inventory import HostEntry, Inventory, render
 from fabfile.hosts.reach import probe_ssh
@@ -359,3 +361,47 @@ def test_probe_ssh_waits_for_silent_hosts_once_not_per_host(listeners):
     elapsed = time.monotonic() - started
     assert result == {"127.0.0.2": True, "127.0.0.3": False, **{a: False for a in silent}}
     assert 0.45 <= elapsed < 1.2, f"took {elapsed:.2f}s for 5 silent hosts with a 0.5s timeout"
+
+
+@pytest.fixture
+def no_early_probe(monkeypatch):
+    monkeypatch.setattr(reach, "_early", None)
+
+
+def test_a_probe_begun_early_answers_the_later_probe_of_its_addresses(listeners, no_early_probe):
+    listener = listeners.listen("127.0.0.2")
+    reach.begin(["127.0.0.2", "127.0.0.3"], port=listeners.port, timeout=2.0)
+    reach._early.join()
+    listener.close()  # from now on a new probe finds 127.0.0.2 closed
+    assert probe_ssh(["127.0.0.2"], port=listeners.port, timeout=1.0) == {"127.0.0.2": False}  # not its timeout
+    assert probe_ssh(["127.0.0.2", "127.0.0.4"], port=listeners.port, timeout=2.0)["127.0.0.2"] is False  # not covered
+    assert probe_ssh(["127.0.0.2"], port=listeners.port, timeout=2.0) == {"127.0.0.2": True}  # the early answer
+    assert probe_ssh(["127.0.0.2"], port=listeners.port, timeout=2.0) == {"127.0.0.2": False}  # taken once only
+
+
+def test_an_early_probe_that_failed_is_probed_again_without_a_traceback(listeners, monkeypatch, no_early_probe):
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)  # what would print the thread's traceback
+    listeners.listen("127.0.0.2")
+    real_batch = reach._probe_batch
+    monkeypatch.setattr(reach, "_probe_batch", lambda *a: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+    reach.begin(["127.0.0.2"], port=listeners.port, timeout=2.0)
+    reach._early.join()
+    monkeypatch.setattr(reach, "_probe_batch", real_batch)
+    assert probe_ssh(["127.0.0.2"], port=listeners.port, timeout=2.0) == {"127.0.0.2": True}
+    assert raised == []
+
+
+def test_only_hosts_filter_begins_its_probe_early_and_only_from_a_sound_inventory(cfg, monkeypatch, no_early_probe):
+    begun = []
+    monkeypatch.setattr(reach, "begin", lambda addresses, *a, **k: begun.append(sorted(addresses)))
+    Inventory().record_calls([call("prod-web1", "10.0.0.11"), call("prod-lb1", "10.0.0.12")], [], cfg)
+    reach.begin_for(["fab", "hosts-list"])
+    reach.begin_for(["fab", "hosts-filter", "hosts-list"])
+    assert begun == []
+    reach.begin_for(["/venv/bin/fab", "hosts-filter"])
+    assert begun == [["10.0.0.11", "10.0.0.12"]]
+    for damaged in ("", "{", "[]", '{"hosts": []}', '{"hosts": {"a": {"address": 5}}}', '{"hosts": {"a": 1}}'):
+        Inventory().path.write_text(damaged)
+        reach.begin_for(["fab", "hosts-filter"])
+    assert begun == [["10.0.0.11", "10.0.0.12"]]

@@ -80,7 +80,7 @@ def probe_inventory(env: str | None = None, timeout: float = 1.0) -> dict[str, b
     return results
 
 
-def filter_reachable(cfg, timeout: float = 1.0) -> dict[str, bool]:
+def filter_reachable(cfg, timeout: float = reach.TIMEOUT_S) -> dict[str, bool]:
     """Probe every inventory host's SSH port at once; drop the ones that don't answer (one write)."""
     inv = Inventory()
     results = reach.probe_ssh([e.address for e in inv.hosts()], timeout=timeout)
