@@ -272,6 +272,17 @@ def test_lost_hosts(inventory, machines, since, lost, since_after):
                             since, now=100, after_s=30) == (lost, since_after)
 
 
+@pytest.mark.parametrize("machines, in_doubt, up", [
+    ({"w1": "running", "w2": "running"}, set(), {"w1", "w2"}),
+    ({"w1": UNREACHABLE, "w2": "running"}, {"w1"}, {"w1", "w2"}),  # in doubt: counted, not replaced
+    ({"w1": UNREACHABLE, "w2": "running"}, set(), {"w2"}),  # lost (or not in the inventory): not counted
+    ({"w1": "poweroff", "w2": "running"}, set(), {"w2"}),
+    ({"w2": "running"}, set(), {"w2"}),  # not listed at all
+])
+def test_workers_up(machines, in_doubt, up):
+    assert plans.workers_up(["w1", "w2"], {n: machine(n, s) for n, s in machines.items()}, in_doubt) == up
+
+
 def test_lost_at_once_with_no_grace():
     assert plans.lost_hosts({"w1": entry("w1")}, {"w1": machine("w1", UNREACHABLE)}, {}, now=5, after_s=0) \
         == (["w1"], {"w1": 5})

@@ -113,10 +113,11 @@ class EnvironmentWorld:
     def observe(self, should_stop: Callable[[], bool]) -> Observation | None:
         settings = self.env.monitor
         machines = {m.name: m for m in environment.provider_of(self.cfg, self.env).list()}
-        running = frozenset(w for w in self.env.workers if w in machines and machines[w].running)
         entries = {e.image: e for e in Inventory().hosts(env=self.env.name)}
         lost, self.unreachable_since = plans.lost_hosts(entries, machines, self.unreachable_since,
                                                         time.monotonic(), settings.lost_after_s)
+        in_doubt = set(self.unreachable_since) - set(lost)
+        running = plans.workers_up(self.env.workers, machines, in_doubt)
         if lost:
             entries = environment.forget_lost(self.cfg, self.env, lost)
         lbs = [e for e in entries.values() if "loadbalancers" in e.roles]
@@ -125,7 +126,7 @@ class EnvironmentWorld:
         targets = [(lb.address, self.env.lb_port) for lb in loadbalancer.loadbalancers(self.cfg, self.env)]
         sample, why = measure(targets, settings.probes, settings.probe_timeout_s, should_stop)
         healthy: dict[str, bool] = {}
-        for image in sorted(running):
+        for image in sorted(running - in_doubt):
             if should_stop():
                 return None
             address = entries[image].address if image in entries else next(iter(machines[image].addresses), None)

@@ -5,7 +5,7 @@ workers answer), asks these functions what to do, and does it. Tests drive them 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -122,3 +122,11 @@ def lost_hosts(entries: Mapping[str, HostEntry], known: Mapping[str, Machine], s
     unreachable = {image: since.get(image, now) for image in entries
                    if image in known and known[image].state == UNREACHABLE}
     return sorted(image for image, first in unreachable.items() if now - first >= after_s), unreachable
+
+
+def workers_up(workers: Iterable[str], known: Mapping[str, Machine], in_doubt: Collection[str]) -> frozenset[str]:
+    """The workers the monitor counts as running: those whose machine runs, and those ``in_doubt``
+    (unreachable, not lost yet: ``lost_hosts``). A worker in doubt is neither replaced nor health
+    checked until it is lost (a blip of its hypervisor must not get a second copy of it built
+    elsewhere, with its address); once lost it leaves the inventory, and then the count."""
+    return frozenset(w for w in workers if w in known and (known[w].running or w in in_doubt))
