@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fabfile.core.errors import BootedError, ProviderError
-from fabfile.core.output import say, table
+from fabfile.core.output import progress, say, table
 from fabfile.flows import environment
 from fabfile.providers import NAMES as PROVIDER_NAMES
 from fabfile.providers import UNREACHABLE
@@ -35,10 +35,14 @@ def image_list(c, provider=None):
     """List images: provider, environment, state, MACs, addresses and the hypervisor running each (libvirt)."""
     cfg = load_config()
     wanted = [provider] if provider else sorted({e.provider for e in cfg.environments.values()})
-    rows, failures, unreachable = [], [], []
+    rows, failures, unreachable, skipped = [], [], [], []
     for name in wanted:
         try:
-            machines = provider_for(cfg, name).list()
+            prov = provider_for(cfg, name)
+            if provider is None and not prov.installed():  # e.g. VirtualBox on a machine without it
+                skipped.append(name)
+                continue
+            machines = prov.list()
         except BootedError as err:
             failures.append(f"{name}: {err}")
             continue
@@ -49,6 +53,8 @@ def image_list(c, provider=None):
             rows.append([m.name, m.provider, env.name if env else "-", m.state, ",".join(m.macs) or "-",
                          ",".join(m.addresses) or "-", m.detail.get("hypervisor") or "-"])
     say(table(["image", "provider", "env", "state", "macs", "addresses", "hypervisor"], rows, empty="no images"))
+    for name in skipped:
+        progress(f"{name}: not installed or not running here, so not listed (`fab image-list --provider {name}` says why)")
     if failures:
         raise ProviderError("; ".join(failures))
     if unreachable:  # listed from booted's records; the machine holding them did not answer

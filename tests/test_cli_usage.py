@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from tests.configs import environment, two_environments
 from tests.vbox_fixtures import _forked_fab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,3 +101,21 @@ def test_bench_scripts_run_with_plain_python3_as_the_readme_says(script, tmp_pat
                      "projectvenv.use(); import shutil; print(shutil.which('fab'))\n")
     proc = subprocess.run(["python3", str(probe)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == str(ROOT / ".venv" / "bin" / "fab"), proc.stderr
+
+
+def test_image_list_skips_a_provider_not_installed_unless_asked_for_by_name(tmp_path):
+    """After the quick start, VirtualBox is not installed: `image-list` lists what is there and says
+    which providers it could not ask; naming that provider is an error that says why."""
+    path = "/usr/sbin:/usr/bin:/sbin:/bin"
+    assert shutil.which("VBoxManage", path=path) is None
+    config = tmp_path / "environments.yaml"
+    config.write_text(two_environments("virtualbox") + environment("box", "local", ["box1"], ["box1"]))
+    env = {"PATH": f"{Path(sys.executable).parent}:{path}", "BOOTED_STATE_DIR": str(tmp_path / "state"),
+           "BOOTED_CONFIG": str(config)}
+    listed = _forked_fab(["image-list"], env, 60)
+    assert listed.returncode == 0 and listed.stdout.strip() == "no images", listed
+    assert listed.stderr.strip() == ("virtualbox: not installed or not running here, so not listed "
+                                     "(`fab image-list --provider virtualbox` says why)"), listed.stderr
+    named = _forked_fab(["image-list", "--provider", "virtualbox"], env, 60)
+    assert named.returncode == 1 and named.stderr.strip().startswith("error: virtualbox: VBoxManage not found"), named
+    assert len(named.stderr.strip().splitlines()) == 1
