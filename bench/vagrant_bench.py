@@ -6,7 +6,7 @@
 Same machine, same run, same base image, same VM settings (kernel, initrd, command line, memory,
 CPUs, virtio disk, libvirt driver):
 
-* booted: the three images built beforehand (defined, stopped), then ``fab env-start-all`` timed
+* booted: the three images built beforehand (stopped: volumes and booted's records), then ``fab env-start-all`` timed
   until it returns with the load balancer serving (it checks that itself; the bench checks again).
 * Vagrant 2.3 with vagrant-libvirt 0.11 (Debian's packages): the base image packaged as a local box
   (``bench/peers/vagrant/``: the box is the same file system plus what a Vagrant box needs: DHCP on
@@ -242,7 +242,7 @@ class VagrantPeer:
 
 
 def booted_side(lab: VmLab) -> dict:
-    for image in IMAGES:  # built outside the timing: the timing starts from defined, stopped domains
+    for image in IMAGES:  # built outside the timing: the timing starts from stopped VMs
         lab.fab("image-build", "--image", image, check=True, timeout=1800)
     started = time.monotonic()
     result = lab.fab("env-start-all", "--env", "benchkvm", timeout=1800)
@@ -314,7 +314,7 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(f"\n1 load balancer + 2 workers, libvirt driver {settings['driver']}, {settings['memory_mb']} MiB, "
-          f"{settings['cpus']} CPU per VM, from defined, stopped domains; load {load}")
+          f"{settings['cpus']} CPU per VM, from built, stopped VMs; load {load}")
     print(f"{'':<34}{'wall until the LB serves':>26}  {'RSS per VM':>10}")
     for name, r in (("booted  fab env-start-all", mine), ("Vagrant vagrant up --provision", theirs)):
         rss = sum(r["rss_mb"]) / len(r["rss_mb"]) if r["rss_mb"] else float("nan")
