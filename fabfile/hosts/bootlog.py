@@ -273,11 +273,7 @@ class _Checks:
         """``lines``, for ``_CALL.split``'s ``parts``: each line in its place."""
         self.others(parts[0], calls, skipped)
         for addr, msec, env, name, mac, ts, sig, between in zip(*[iter(parts[1:])] * (_FIELDS + 1)):
-            verdict = self.fields((addr, msec, env, name, mac, ts, sig))
-            if verdict.__class__ is Call:
-                calls.append(verdict)
-            else:
-                skipped[verdict] += 1
+            _tally(self.fields((addr, msec, env, name, mac, ts, sig)), calls, skipped)
             self.others(between, calls, skipped)
 
     def others(self, lines: bytes, calls: list[Call], skipped: Counter) -> None:
@@ -287,11 +283,7 @@ class _Checks:
         booted = lines.split(_LINE_START)
         if len(booted) > 1:
             for rest in booted[1:]:
-                verdict = self.other(_PREFIX + rest.partition(b"\n")[0])
-                if verdict.__class__ is Call:
-                    calls.append(verdict)
-                else:
-                    skipped[verdict] += 1
+                _tally(self.other(_PREFIX + rest.partition(b"\n")[0]), calls, skipped)
         malformed = lines.count(b"\n") - (len(booted) - 1)
         if malformed:
             skipped[MALFORMED] += malformed
@@ -344,6 +336,14 @@ class _Checks:
         if not signer.verifies("|".join([env, name, mac, addr, ts]).encode(), sig):
             return BAD_SIGNATURE
         return Call(env=env, name=name, mac=mac, addr=addr, ts=int(ts), seen_at=float(msec))
+
+
+def _tally(verdict: Call | str, calls: list[Call], skipped: Counter) -> None:
+    """A line's verdict: a call home, or the reason it was skipped, counted."""
+    if verdict.__class__ is Call:  # (not isinstance: a NamedTuple's check is slower, per line)
+        calls.append(verdict)
+    else:
+        skipped[verdict] += 1
 
 
 def _invalid_name(name: bytes) -> bool:
@@ -440,11 +440,7 @@ def parse_lines(lines: Iterable[bytes | str | None], config: Config, control: Co
     checks = _Checks(config, control, keys)
     for raw in lines:
         result.lines += 1
-        parsed = OVERLONG if raw is None else checks.line(raw)
-        if isinstance(parsed, Call):
-            result.calls.append(parsed)
-        else:
-            result.skipped[parsed] += 1
+        _tally(OVERLONG if raw is None else checks.line(raw), result.calls, result.skipped)
     return result
 
 

@@ -258,31 +258,28 @@ class LibvirtProvider(Provider):
                 pass
             raise ProviderError(f"libvirt {hv.uri}: uploading {src.name}: {err.get_error_message()}") from None
 
-    def _rootfs(self) -> rootfs.DebianRootfs:
-        """The root file system the base image is made of: the local provider's (its suite setting)."""
-        return rootfs.DebianRootfs(self.config.provider_settings("local")["suite"])
-
-    def _rootfs_ready(self) -> rootfs.DebianRootfs:
-        fs = self._rootfs()
+    def _rootfs(self) -> tuple[rootfs.DebianRootfs, Path]:
+        """The root file system the base image is made of (the local provider's suite), made sure of,
+        and the folder the base image is cached in."""
+        fs = rootfs.DebianRootfs(self.config.provider_settings("local")["suite"])
         # a rebuild must not pull it from under local hosts running on it (the local provider knows)
         fs.ensure(refresh=False, in_use=lambda: any(m.running for m in get_provider("local", self.config).list()))
-        return fs
+        return fs, rootfs.image_cache_dir() / fs.suite / "libvirt"
 
     def base_image(self) -> image.BaseImage:
         """The VM base image on this machine, built from booted's Debian root file system."""
         if self._base is None:
-            fs = self._rootfs_ready()
-            self._base = image.ensure_base(fs.root, fs.marker, rootfs.image_cache_dir() / fs.suite / "libvirt",
-                                           int(self.settings["disk_mb"]), image.VM_PROVISION)
+            fs, cache = self._rootfs()
+            self._base = image.ensure_base(fs.root, fs.marker, cache, int(self.settings["disk_mb"]),
+                                           image.VM_PROVISION)
         return self._base
 
     def base_names(self) -> image.BaseImage:
         """The current base image's names (its digest), without building it."""
         if self._base is not None:
             return self._base
-        fs = self._rootfs_ready()
-        return image.base_files(rootfs.image_cache_dir() / fs.suite / "libvirt",
-                                image.base_digest(fs.marker, int(self.settings["disk_mb"])))
+        fs, cache = self._rootfs()
+        return image.base_files(cache, image.base_digest(fs.marker, int(self.settings["disk_mb"])))
 
     def ensure_base_volumes(self, hv: Hypervisor) -> dict[str, str]:
         """The base image's volumes on ``hv`` (uploaded there unless it has this exact base): role -> path.
@@ -323,14 +320,14 @@ class LibvirtProvider(Provider):
         lv = bindings()
         in_use = {keep}
         try:
+            volumes = self.pool(hv).listAllVolumes(0)
             texts = [dom.XMLDesc(0) for dom in hv.conn.listAllDomains(0)]
-            texts += [vol.XMLDesc(0) for vol in self.pool(hv).listAllVolumes(0)
-                      if not vol.name().startswith("booted-base-")]
+            texts += [vol.XMLDesc(0) for vol in volumes if not vol.name().startswith("booted-base-")]
         except lv.libvirtError:
             return  # cannot tell: keep everything
         for text in texts:
             in_use.update(part.split(".")[0] for part in text.split("booted-base-")[1:])
-        for vol in self.pool(hv).listAllVolumes(0):
+        for vol in volumes:
             name = vol.name()
             if name.startswith("booted-base-") and name[len("booted-base-"):].split(".")[0] not in in_use:
                 try:
@@ -339,10 +336,10 @@ class LibvirtProvider(Provider):
                     pass
 
     # ------------------------------------------------------------------ records
-    def _scan(self, only: str | None = None) -> tuple[list[Vm], dict[str, str]]:
-        """(vms, down): ``vms``: every built VM of this state dir on every hypervisor that answers, with
-        its running domain if it runs; ``down``: {name: why} for hypervisors that do not answer.
-        ``only``: that hypervisor alone."""
+    def _scan(self, only: str | None = None) -> tuple[list[Vm], dict[str, str], dict[str, Placed]]:
+        """(vms, down, records): ``vms``: every built VM of this state dir on every hypervisor that
+        answers, with its running domain if it runs; ``down``: {name: why} for hypervisors that do not
+        answer; ``records``: booted's records as the scan left them. ``only``: that hypervisor alone."""
         lv = bindings()
         tag = owner_tag()
         records = self.records.load()
@@ -369,18 +366,20 @@ class LibvirtProvider(Provider):
                         continue  # stale: the VM was rebuilt elsewhere while this hypervisor was away
                     if placed is None or not placed.domain or dom.isPersistent():
                         placed = self._adopt(hv, dom, record)
+                        if placed is not None:
+                            records[record.image] = placed
                     if placed is not None and placed.domain and dom.isActive():
                         running[record.image] = dom
                 except lv.libvirtError:
                     continue  # not booted's, or gone between the list and the lookup
-            for image_name, placed in self.records.load().items():
+            for image_name, placed in records.items():
                 if placed.hv == hv.name and placed.domain:
                     vms.append(Vm(hv, placed.record, placed.domain, running.get(image_name)))
         for name in down:
             if name not in self._noted_down:
                 self._noted_down.add(name)
                 progress(f"libvirt: {down[name]}; its VMs are {UNREACHABLE}")
-        return vms, down
+        return vms, down, records
 
     def _adopt(self, hv: Hypervisor, dom, record: HostRecord) -> Placed | None:
         """One of this state dir's domains booted has no record of (an earlier booted defined its VMs
@@ -408,7 +407,7 @@ class LibvirtProvider(Provider):
         placed = self.records.load().get(image_name)
         if placed is None or not placed.domain:
             return None
-        vms, _ = self._scan(only=placed.hv if placed.hv in self.hypervisors else None)
+        vms = self._scan(only=placed.hv if placed.hv in self.hypervisors else None)[0]
         return next((vm for vm in vms if vm.record.image == image_name), None)
 
     def _require(self, image_name: str) -> Vm:
@@ -541,7 +540,7 @@ class LibvirtProvider(Provider):
         try:
             base = self.ensure_base_volumes(hv)
             domain = self._compose(hv, record, base, overlay_from=None, env=env,
-                                   uuid_=_uuid_of(found.domain) if found else "")
+                                   uuid_=domainxml.parse_domain(found.domain).uuid if found else "")
         except BaseException:
             if not found and not old:
                 with locked("libvirt-hosts"):
@@ -752,10 +751,10 @@ class LibvirtProvider(Provider):
             Path(console).unlink(missing_ok=True)
 
     def list(self) -> list[Machine]:
-        vms, down = self._scan()
+        vms, down, records = self._scan()
         machines = [self._machine(vm) for vm in vms]
         listed = {m.name for m in machines}
-        for image_name, placed in self.records.load().items():
+        for image_name, placed in records.items():
             if image_name not in listed and placed.domain and placed.hv in down:
                 machines.append(self._lost_machine(placed.hv, placed.record, down[placed.hv]))
         return machines
@@ -798,10 +797,6 @@ def _runs(dom) -> bool:
         return bool(dom.isActive())
     except bindings().libvirtError:
         return False
-
-
-def _uuid_of(domain: str) -> str:
-    return domainxml.parse_domain(domain).uuid
 
 
 PROVIDER = LibvirtProvider
