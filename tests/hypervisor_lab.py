@@ -204,6 +204,13 @@ class HypervisorLab:
         (ssh_dir / "authorized_keys").chmod(0o600)
         (hv.upper / "etc").mkdir(parents=True, exist_ok=True)
         (hv.upper / "etc" / "hostname").write_text(f"{hv.name}\n")
+        # Name resolution as on an installed hypervisor: its own name in /etc/hosts (Debian's installer
+        # writes 127.0.1.1), and no nameserver it cannot reach. The base image's resolv.conf names this
+        # machine's resolver, unreachable from the lab network: every lookup there waited 20 s (libvirtd
+        # resolves its own name when it starts a domain or answers `virsh hostname`).
+        (hv.upper / "etc" / "hosts").write_text(
+            f"127.0.0.1\tlocalhost\n127.0.1.1\t{hv.name}\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+        (hv.upper / "etc" / "resolv.conf").write_text("# booted hypervisor lab: no DNS on the lab network\n")
         host_key = hv.upper / "etc" / "ssh" / "ssh_host_ed25519_key"
         if not host_key.exists():
             host_key.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +227,16 @@ class HypervisorLab:
 
     def virsh(self, name: str, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         return run(["virsh", "-q", "-c", self.uri(name), *args], timeout=timeout, check=check)
+
+    def journal_tail(self, name: str, lines: int = 60) -> str:
+        """What sshd, logind and libvirtd on hypervisor ``name`` logged last (for a failed test's report);
+        read from its journal files directly, so it works also when the hypervisor no longer answers."""
+        journal = self.hypervisors[name].upper / "var" / "log" / "journal"
+        if not journal.is_dir():
+            return f"(no journal of {name} at {journal})"
+        proc = run(["journalctl", f"--directory={journal}", "--no-pager", "-o", "short-precise", "-n", str(lines),
+                    "-u", "ssh", "-u", "systemd-logind", "-u", "libvirtd", "-u", "user@0"], check=False, timeout=30)
+        return (proc.stdout or proc.stderr).strip()
 
     def namespace_pids(self, name: str) -> list[int]:
         """Processes still running inside hypervisor ``name`` (its PID namespace), seen from here."""

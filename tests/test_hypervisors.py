@@ -45,7 +45,8 @@ providers:
     memory_mb: 512
     boot_timeout_s: 420
     stop_timeout_s: 30
-    connect_timeout_s: 20        # a dead machine fails sooner: ssh's ConnectTimeout=3 (hypervisor_lab.py)
+    connect_timeout_s: 45        # generous on a machine busy with TCG guests; a dead machine fails
+                                 # sooner: ssh's ConnectTimeout=3 (hypervisor_lab.py)
     hypervisors:
       hv1: {{uri: {uri1}}}
       hv2: {{uri: {uri2}}}
@@ -94,9 +95,10 @@ class MultiLab(Lab):
 
 
 @pytest.fixture(scope="module")
-def multi(lab, tmp_path_factory):
+def multi(lab, tmp_path_factory, request):
     root = tmp_path_factory.mktemp("multi")
     times: dict[str, float] = {}
+    failed_before = request.session.testsfailed
     with hypervisor_lab(lab, root / "hypervisors") as hvlab:
         ctl = MultiLab(root=root / "controller", bridge=hvlab.bridge, subnet=str(hvlab.network), port=free_port(),
                        config_path=root / "environments.yaml")
@@ -124,6 +126,9 @@ def multi(lab, tmp_path_factory):
             print("\nmulti-hypervisor tier, measured:")
             for what, seconds in times.items():
                 print(f"  {seconds:6.1f} s  {what}")
+            if request.session.testsfailed > failed_before:  # what the hypervisors saw, for the report
+                for name in hvlab.hypervisors:
+                    print(f"\n{name}'s journal (ssh, logind, libvirtd), last lines:\n{hvlab.journal_tail(name)}")
     # hypervisor_lab's teardown power-cut both hypervisors (every QEMU dies with its container's
     # PID namespace) and asserted that nothing of them is left
 

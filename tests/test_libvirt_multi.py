@@ -210,6 +210,16 @@ def test_a_lost_hypervisor_shows_its_vms_unreachable_and_they_are_rebuilt_on_a_s
     assert where(world) == {"vm-lb": "hv1", "vm-w1": "hv1", "vm-w2": "hv1"}
 
 
+def test_a_new_vm_meant_for_a_hypervisor_that_does_not_answer_goes_to_a_survivor_saying_so(world, capsys):
+    power_cut(world, "hv2")
+    build_env(world)
+    assert where(world) == {"vm-lb": "hv1", "vm-w1": "hv1", "vm-w2": "hv1"}
+    err = capsys.readouterr().err
+    assert "vm-w1: placed on hv1, not hv2: hypervisor hv2 (test://" in err, err
+    placed = [line for line in err.splitlines() if ": placed on " in line]
+    assert placed and all(": placed on hv1, not hv2: hypervisor hv2 (" in line for line in placed), placed
+
+
 def test_image_list_shows_the_hypervisor_and_exits_2_naming_one_that_does_not_answer(world, monkeypatch, capsys):
     from invoke import Exit
 

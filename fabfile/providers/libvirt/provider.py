@@ -473,7 +473,12 @@ class LibvirtProvider(Provider):
         if image_name not in plan.where:
             why = plan.unplaced.get(image_name, "not in any environment")
             raise PlacementError(f"{image_name}: cannot be placed: {why}")
-        return self.hypervisor(plan.where[image_name])
+        where = plan.where[image_name]
+        if down:  # say so when a hypervisor that does not answer changed where this VM goes
+            meant = self.plan().where.get(image_name)
+            if meant in down and meant != where:
+                progress(f"{image_name}: placed on {where}, not {meant}: {down[meant]}")
+        return self.hypervisor(where)
 
     def _remove_stale(self, hv: Hypervisor) -> None:
         """Remove what is left on ``hv`` of this state dir's VMs that booted's records place elsewhere
