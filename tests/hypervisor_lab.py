@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from lab import free_subnet
 
-from fabfile.providers import get_provider
+from fabfile.providers import get_provider, rootfs
 
 # The layer over booted's base image. Fixed text; no data is interpolated.
 LAYER_PACKAGES = ["libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-daemon-system", "libvirt-clients",
@@ -203,13 +203,10 @@ class HypervisorLab:
         (ssh_dir / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
         (ssh_dir / "authorized_keys").chmod(0o600)
         (hv.upper / "etc").mkdir(parents=True, exist_ok=True)
-        (hv.upper / "etc" / "hostname").write_text(f"{hv.name}\n")
-        # Name resolution as on an installed hypervisor: its own name in /etc/hosts (Debian's installer
-        # writes 127.0.1.1), and no nameserver it cannot reach. The base image's resolv.conf names this
-        # machine's resolver, unreachable from the lab network: every lookup there waited 20 s (libvirtd
-        # resolves its own name when it starts a domain or answers `virsh hostname`).
-        (hv.upper / "etc" / "hosts").write_text(
-            f"127.0.0.1\tlocalhost\n127.0.1.1\t{hv.name}\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+        for path, content in rootfs.name_files(hv.name).items():  # as booted names its own hosts
+            (hv.upper / path.lstrip("/")).write_text(content)
+        # No nameserver it cannot reach, as on an installed hypervisor: the base image's resolv.conf
+        # names this machine's resolver, unreachable from the lab network (every lookup waited 20 s).
         (hv.upper / "etc" / "resolv.conf").write_text("# booted hypervisor lab: no DNS on the lab network\n")
         host_key = hv.upper / "etc" / "ssh" / "ssh_host_ed25519_key"
         if not host_key.exists():

@@ -53,6 +53,15 @@ EOF
 """
 
 
+def name_files(hostname: str) -> dict[str, str]:
+    """/etc/hostname and /etc/hosts of a machine booted from this root file system.
+
+    Its own name must resolve from /etc/hosts (127.0.1.1, as Debian's installer writes it): sudo and
+    libvirtd look it up, and through DNS that waits for a resolver the machine may not reach (the
+    image's resolv.conf is the build machine's; 20 s per lookup measured in the hypervisor lab)."""
+    return {"/etc/hostname": f"{hostname}\n", "/etc/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"}
+
+
 def image_cache_dir() -> Path:
     """Where the base image lives: ``BOOTED_IMAGE_CACHE`` (shared by test runs) or the state dir."""
     override = os.environ.get("BOOTED_IMAGE_CACHE")

@@ -212,9 +212,8 @@ class LocalProvider(Provider):
         files[f"{PROVISION_DIR}/user"] = (ssh.user(self.config), 0o600)
         files[f"{PROVISION_DIR}/authorized_key"] = (pubkey, 0o600)
         # the name must be in place before the host's systemd reads /etc/hostname at boot
-        hostname = names.hostname_for(host.name)
-        files["/etc/hostname"] = (f"{hostname}\n", 0o644)
-        files["/etc/hosts"] = (f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n", 0o644)
+        for path, content in rootfs.name_files(names.hostname_for(host.name)).items():
+            files[path] = (content, 0o644)
         for path, (content, mode) in files.items():
             atomic_write(upper / path.lstrip("/"), content, mode=mode)
         # enabled the way `systemctl enable` would (their [Install] says multi-user.target)
