@@ -20,11 +20,16 @@ Per N, after a warm-up run of each case, ``--rounds`` rounds in a fresh random o
 * **floor**: the same N+1 containers started with plain systemd-nspawn --boot from the same base
   image, each on a fresh empty overlay, in a network namespace joined to the lab's bridge the
   way booted joins its hosts (same ``ip`` plan, same bridge and subnet), all at once, until each
-  answers on SSH (its banner). No provisioning, no call home, no deploy.
+  answers on SSH (its banner). No provisioning, no call home, no deploy. The image makes its SSH
+  host keys at first boot (`ssh-keygen -A`: RSA, ECDSA, Ed25519).
+* **floor-key**: the floor with the one thing booted's hosts skip at boot done beforehand, outside
+  the timing: each overlay gets an Ed25519 host key made outside and the same sshd settings booted
+  writes (fabfile/providers/rootfs.py), so the containers make no keys. The stricter floor: the
+  verdict is taken against it.
 
 Printed: the table (median, min–max, paired ratio to the floor), marginal cost per host between the
 two largest N, memory per host (the hosts' memory cgroups once up), and the verdicts: booted ≤ 1.5×
-floor at every N; converge ≤ 1 s + one SSH round.
+floor-key (and, for comparison, ÷ floor) at every N; converge ≤ 1 s + one SSH round.
 """
 from __future__ import annotations
 
@@ -231,9 +236,10 @@ class BringupLab:
         return sbs.Outcome(seconds, failed == 0, f"{failed} ssh failed" if failed else "")
 
     # -------------------------------------------------------------- floor
-    def floor_up(self, n: int) -> sbs.Outcome:
-        """N+1 plain nspawn containers, fresh overlays, same bridge: time until every one answers SSH."""
-        from fabfile.providers import bridge
+    def floor_up(self, n: int, keyed: bool = False) -> sbs.Outcome:
+        """N+1 plain nspawn containers, fresh overlays, same bridge: time until every one answers SSH.
+        ``keyed``: each overlay holds a host key made beforehand (untimed) and booted's sshd settings."""
+        from fabfile.providers import bridge, rootfs
         from fabfile.providers.local import containment
         from fabfile.providers.local import network as localnet
 
@@ -247,6 +253,13 @@ class BringupLab:
             for i, address in enumerate(addresses):
                 folder = self.root / "floor" / f"f{i:03d}"
                 (folder / "upper").mkdir(parents=True, exist_ok=True)
+                if keyed:
+                    files = {**rootfs.HostKey.new(f"f{i:03d}").files(), **rootfs.own_host_key_config("booted-host.conf")}
+                    for path, (content, mode) in files.items():
+                        target = folder / "upper" / path.lstrip("/")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_text(content)
+                        target.chmod(mode)
                 link = localnet.HostLink(netns=f"bfloor-{tag}-{i:03d}", veth=f"vf{tag}{i:03d}")
                 mac = f"02:fe:00:00:{i // 256:02x}:{i % 256:02x}"
                 hosts.append({"folder": folder, "link": link, "address": address, "mac": mac,
@@ -337,13 +350,17 @@ def run_size(bl: BringupLab, n: int, rounds: int, rng, samples: list,
         record(f"converge@{n}", rnd, sbs.Outcome(seconds, ok, note))
         record(f"ssh-round@{n}", rnd, bl.ssh_round(n))
 
-    def floor(rnd: int) -> None:
+    def floor(rnd: int, keyed: bool = False) -> None:
+        case = f"{'floor-key' if keyed else 'floor'}@{n}"
         try:
-            out = bl.floor_up(n)
+            out = bl.floor_up(n, keyed=keyed)
         finally:
             bl.floor_down()
-        record(f"floor@{n}", rnd, out)
-        memory.setdefault(f"floor@{n}", []).append(out.extra.get("memory"))
+        record(case, rnd, out)
+        memory.setdefault(case, []).append(out.extra.get("memory"))
+
+    def floor_key(rnd: int) -> None:
+        floor(rnd, keyed=True)
 
     def record(case: str, rnd: int, out: sbs.Outcome) -> None:
         samples.append(sbs.Sample(case, rnd, out.seconds, out.ok, out.note))
@@ -352,7 +369,7 @@ def run_size(bl: BringupLab, n: int, rounds: int, rng, samples: list,
               f"(load {sbs.loadavg()})", flush=True)
 
     for rnd in range(0, rounds + 1):
-        order = [booted, floor]
+        order = [booted, floor, floor_key]
         rng.shuffle(order)
         for case in order:
             case(rnd)
@@ -402,18 +419,21 @@ def report(samples: list, memory: dict, sizes: list[int], rounds: int, start_loa
     print(f"Bring-up of 1 load balancer + N workers (local provider, cached image); {rounds} rounds + warm-up")
     rows = []
     for n in sizes:
-        rows += [(f"floor@{n}", f"N={n} floor: plain systemd-nspawn ×{n + 1} until SSH answers", f"floor@{n}"),
-                 (f"booted@{n}", f"N={n} `fab env-start-all` until serving through the LB", f"floor@{n}"),
+        rows += [(f"floor@{n}", f"N={n} floor: plain systemd-nspawn ×{n + 1} until SSH answers", f"floor-key@{n}"),
+                 (f"floor-key@{n}", f"N={n} floor-key: the same, host keys made beforehand", f"floor-key@{n}"),
+                 (f"booted@{n}", f"N={n} `fab env-start-all` until serving through the LB", f"floor-key@{n}"),
                  (f"ssh-round@{n}", f"N={n} one SSH round to all {n + 1} hosts (OpenSSH)"),
                  (f"converge@{n}", f"N={n} `fab env-start-all` again (already up)", f"ssh-round@{n}")]
     print(sbs.table(samples, rows))
     for n in sizes:
-        ratio = sbs.paired_ratio(samples, f"booted@{n}", f"floor@{n}")
-        print(sbs.verdict(f"N={n} bring-up, booted ÷ floor (paired)", ratio, GOAL_BRINGUP, "×"))
+        ratio = sbs.paired_ratio(samples, f"booted@{n}", f"floor-key@{n}")
+        print(sbs.verdict(f"N={n} bring-up, booted ÷ floor-key (paired)", ratio, GOAL_BRINGUP, "×"))
+        plain = sbs.paired_ratio(samples, f"booted@{n}", f"floor@{n}")
+        print(f"N={n} bring-up, booted ÷ floor (paired; the image making its own keys): {sbs.fmt(plain, 2)}×")
         conv = sbs.cell(samples, f"converge@{n}")["median_s"]
         rnd = sbs.cell(samples, f"ssh-round@{n}")["median_s"]
         print(sbs.verdict(f"N={n} convergence", conv, None if rnd is None else GOAL_CONVERGE_FIXED + rnd, " s"))
-    for case in ("booted", "floor"):
+    for case in ("booted", "floor", "floor-key"):
         slope = marginal_cost({n: sbs.cell(samples, f"{case}@{n}")["median_s"] for n in sizes})
         print(f"marginal cost per host, {case}: {sbs.fmt(slope, 2)} s" + (
             f" (between N={sizes[-2]} and N={sizes[-1]})" if len(sizes) > 1 else ""))

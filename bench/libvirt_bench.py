@@ -98,7 +98,7 @@ def booted_run(lab: VmLab, n: int) -> dict:
 
 def floor_run(lab: VmLab, n: int, work: Path) -> dict:
     """N VMs by hand: qemu-system-x86_64 with the provider's settings, user-mode network, until SSH."""
-    from fabfile.providers import load_config
+    from fabfile.providers import load_config, rootfs
     from fabfile.providers.libvirt import image
 
     with lab.activated():
@@ -111,10 +111,10 @@ def floor_run(lab: VmLab, n: int, work: Path) -> dict:
             disk = work / f"floor{i}.qcow2"
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.disk), str(disk)],
                            check=True)
-            key, pub = image.new_host_key(f"floor{i}")
+            key = rootfs.HostKey.new(f"floor{i}")
             seed = image.Seed(identity=f"floor-{i}", hostname=f"floor{i}", user="booted",
-                              pubkey=pub, address="10.0.2.15", prefixlen=24, gateway="10.0.2.2",
-                              mac=f"52:54:00:fe:00:{i:02x}", callhome_conf="", host_key=key, host_key_pub=pub)
+                              pubkey=key.public, address="10.0.2.15", prefixlen=24, gateway="10.0.2.2",
+                              mac=f"52:54:00:fe:00:{i:02x}", callhome_conf="", host_key=key)
             seed_img = image.make_seed_disk(seed, work / f"floor{i}.seed")
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))

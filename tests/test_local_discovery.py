@@ -62,13 +62,31 @@ def test_image_list_shows_hosts_with_state_mac_and_address(disco):
 
 def test_hosts_have_their_own_hostname_address_and_host_keys(disco):
     keys = set()
+    pins = [line.split() for line in (disco.state / "ssh" / "known_hosts").read_text().splitlines()]
     for image in DISCO:
-        result = disco.ssh(image, "sh", "-c", "hostname; cat /etc/ssh/ssh_host_ed25519_key.pub")
+        result = disco.ssh(image, "sh", "-c", "hostname; ls /etc/ssh/ | grep '^ssh_host_'; cat /etc/ssh/ssh_host_ed25519_key.pub")
         assert result.returncode == 0, result.stderr
-        hostname, key = result.stdout.strip().splitlines()
+        hostname, *files, key = result.stdout.strip().splitlines()
         assert hostname == image
+        # the one key booted made and pinned at build; the host made none of its own at boot
+        assert files == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"], files
+        assert [p[1:3] for p in pins if p[0] == disco.host_address(image)] == [key.split()[:2]]
         keys.add(key.split()[1])
     assert len(keys) == 3, "clones of one base image must not share SSH host keys"
+
+
+def test_a_built_host_key_is_pinned_before_the_host_ever_boots(lab):
+    lab.fab("image-build", "--image", "disco-pin", "--provider", "local", check=True, timeout=1500)
+    try:
+        upper = lab.state / "local" / "hosts" / "disco-pin" / "upper" / "etc" / "ssh"
+        public = (upper / "ssh_host_ed25519_key.pub").read_text().split()
+        address = json.loads((lab.state / "local" / "hosts" / "disco-pin" / "host.json").read_text())["address"]
+        pins = [line.split() for line in (lab.state / "ssh" / "known_hosts").read_text().splitlines()]
+        assert [p[1:3] for p in pins if p[0] == address] == [public[:2]]
+        assert (upper / "ssh_host_ed25519_key").stat().st_mode & 0o777 == 0o600
+    finally:
+        lab.fab("image-del", "--image", "disco-pin", "--yes", "--provider", "local", check=True)
+    assert address not in (lab.state / "ssh" / "known_hosts").read_text().split()
 
 
 def test_hosts_logged_then_filter_find_exactly_the_hosts(disco):
@@ -148,7 +166,7 @@ def test_stop_is_clean_and_start_is_quick(disco):
 
 
 def test_host_keys_are_pinned_and_a_changed_key_is_refused(disco):
-    """booted pins each host's key on first contact; a host that changes its key is refused."""
+    """booted pins each host's key (a local host's at build); a host that changes its key is refused."""
     disco.fab("hosts-logged", check=True)
     disco.fab("hello-deploy", "--env", "disco", check=True, timeout=300)
     known = (disco.state / "ssh" / "known_hosts").read_text()

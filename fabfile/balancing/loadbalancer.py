@@ -48,7 +48,8 @@ if ! out=$(nginx -t 2>&1); then
   exit 4
 fi
 rm -f "$conf.old"
-systemctl enable --quiet nginx 2>/dev/null || true
+# for the host's next boot: only the symlink (no reload, no SysV script sync: 0.3 s, 1.3 s loaded)
+SYSTEMCTL_SKIP_SYSV=1 systemctl enable --quiet --no-reload nginx 2>/dev/null || true
 if ! systemctl is-active --quiet nginx; then
   rm -f "$flag"
   systemctl restart nginx

@@ -61,7 +61,9 @@ unitfile="/etc/systemd/system/booted-$svc.service"
 if [ "$(cat "$unitfile" 2>/dev/null || true)" != "$unit" ]; then
   printf '%s\n' "$unit" > "$unitfile.$$.new"
   mv "$unitfile.$$.new" "$unitfile"
-  systemctl daemon-reload
+  # systemd reads a unit it has not loaded yet from disk when asked for it (`show` asks); only a
+  # loaded one whose file changed needs the reload (which reruns every generator: 0.1 s on a host)
+  if [ "$(systemctl show -P NeedDaemonReload "booted-$svc.service")" != no ]; then systemctl daemon-reload; fi
 fi
 systemctl enable --quiet --no-reload "booted-$svc.service" 2>/dev/null || true
 systemctl restart "booted-$svc.service"
@@ -96,7 +98,7 @@ set -eu
 svc="$1"; unit="booted-$svc.service"
 [ -e "/etc/systemd/system/$unit" ] || { echo "$svc is not deployed on this host" >&2; exit 3; }
 case "$2" in
-  start) systemctl enable --quiet "$unit" 2>/dev/null || true; systemctl restart "$unit" ;;
+  start) systemctl enable --quiet --no-reload "$unit" 2>/dev/null || true; systemctl restart "$unit" ;;
   stop) systemctl stop "$unit" ;;
 esac
 readlink "/opt/booted/$svc/current" | sed 's#^releases/##'

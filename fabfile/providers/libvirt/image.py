@@ -30,6 +30,7 @@ from fabfile.core.output import progress
 from fabfile.core.state import atomic_write, locked
 from fabfile.hosts import callhome
 from fabfile.hosts.provision import USER_SETUP
+from fabfile.providers.rootfs import SSHD_OWN_KEY_CONFIG, SSHD_OWN_KEY_DROPIN, HostKey, own_host_key_config
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
 RECIPE_VERSION = "2"
@@ -82,15 +83,6 @@ if [ "$(cat /etc/booted/seed-identity 2>/dev/null || true)" != "$new" ]; then
 fi
 umount "$mnt"
 """
-
-# The VM's SSH host key comes from its seed (booted made it and pinned it before the first
-# connection), so sshd generates no keys at boot: RSA key generation alone takes tens of seconds
-# under TCG.
-SSHD_DROPIN = """[Service]
-ExecStartPre=
-ExecStartPre=/usr/sbin/sshd -t
-"""
-SSHD_CONFIG = "HostKey /etc/ssh/ssh_host_ed25519_key\n"
 
 # Drivers for hardware a booted VM does not have or need; udev would load them all at boot.
 MODPROBE_BLACKLIST = "".join(
@@ -146,7 +138,7 @@ def base_digest(rootfs_marker: str, disk_mb: int) -> str:
     """Names the base image: changes when the local base, this recipe or the disk size change."""
     text = json.dumps({"rootfs": rootfs_marker, "recipe": RECIPE_VERSION, "customize": VM_CUSTOMIZE,
                        "seed": SEED_SCRIPT + SEED_UNIT + VM_PROVISION, "disk_mb": disk_mb,
-                       "vm": SSHD_DROPIN + SSHD_CONFIG + MODPROBE_BLACKLIST,
+                       "vm": SSHD_OWN_KEY_DROPIN + SSHD_OWN_KEY_CONFIG + MODPROBE_BLACKLIST,
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -227,8 +219,8 @@ def _install_files(root: Path, provision_script: str) -> None:
     files["/usr/local/sbin/booted-seed"] = (SEED_SCRIPT, 0o755)
     files["/etc/systemd/system/booted-seed.service"] = (SEED_UNIT, 0o644)
     files["/usr/local/lib/booted/provision"] = (provision_script, 0o755)
-    files["/etc/systemd/system/ssh.service.d/booted-keygen.conf"] = (SSHD_DROPIN, 0o644)
-    files["/etc/ssh/sshd_config.d/booted-vm.conf"] = (SSHD_CONFIG, 0o644)
+    # the VM's host key comes from its seed (see Seed): sshd makes none at boot
+    files.update(own_host_key_config("booted-vm.conf"))
     files["/etc/modprobe.d/booted-vm.conf"] = (MODPROBE_BLACKLIST, 0o644)
     for path, (content, mode) in files.items():
         atomic_write(root / path.lstrip("/"), content, mode=mode)
@@ -247,8 +239,7 @@ class Seed:
     gateway: str
     mac: str
     callhome_conf: str  # empty: the VM does not call home (built outside an environment)
-    host_key: str  # the VM's SSH host key (OpenSSH ed25519 private key) and its public line
-    host_key_pub: str
+    host_key: HostKey  # booted made it and pinned it before the first connection
 
     def network_file(self) -> str:
         return (
@@ -266,21 +257,11 @@ class Seed:
             "pubkey": (self.pubkey + "\n", 0o644),
             "files/etc/hostname": (self.hostname + "\n", 0o644),
             "files/etc/systemd/network/10-booted.network": (self.network_file(), 0o644),
-            "files/etc/ssh/ssh_host_ed25519_key": (self.host_key, 0o600),
-            "files/etc/ssh/ssh_host_ed25519_key.pub": (self.host_key_pub + "\n", 0o644),
         }
+        files.update({f"files{path}": content for path, content in self.host_key.files().items()})
         if self.callhome_conf:
             files["files/etc/booted/callhome.conf"] = (self.callhome_conf, 0o600)
         return files
-
-
-def new_host_key(hostname: str) -> tuple[str, str]:
-    """A fresh ed25519 SSH host key pair: (private key file text, public key line)."""
-    with tempfile.TemporaryDirectory(prefix="booted-hostkey-") as tmp:
-        path = Path(tmp) / "key"
-        localcmd.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{hostname}", "-f", str(path)],
-                     timeout=30)
-        return path.read_text(), (Path(tmp) / "key.pub").read_text().strip()
 
 
 def make_seed_disk(seed: Seed, dest: Path) -> Path:

@@ -654,17 +654,17 @@ class LibvirtProvider(Provider):
             conf = callhome.host_config(env.name, record.image, callhome.callhome_url(
                 self.callhome_address_on(hv), self.config.nginx["port"]))
         hostname = names.hostname_for(record.image)
-        host_key, host_key_pub = image.new_host_key(hostname)
+        host_key = rootfs.HostKey.new(hostname)
         seed = image.Seed(
             identity=record.seed_id, hostname=hostname, user=ssh.user(self.config),
             pubkey=Path(ssh.keypair(self.config)[1]).read_text().strip(), address=record.address,
             prefixlen=self.subnet.prefixlen, gateway=self.subnet.gateway, mac=record.mac, callhome_conf=conf,
-            host_key=host_key, host_key_pub=host_key_pub,
+            host_key=host_key,
         )
         name = f"{self.domain_name(record.image)}.seed"
         with tempfile.TemporaryDirectory(prefix="booted-seed-") as tmp:
             vol = self._store_file(hv, image.make_seed_disk(seed, Path(tmp) / name), name)
-        ssh.pin(record.address, host_key_pub)  # checked from the very first connection
+        ssh.pin(record.address, host_key.public)  # checked from the very first connection
         return vol
 
     def domain_type(self, hv: Hypervisor) -> str:

@@ -200,7 +200,8 @@ class LocalProvider(Provider):
         return self._machine(host, None if existing else {})
 
     def _provision(self, host: LocalHost, env) -> None:
-        """Write the host's own files into its overlay: call-home config, first-boot unit, user, key."""
+        """Write the host's own files into its overlay: call-home config, first-boot unit, user, login
+        key, SSH host key (pinned here)."""
         upper = host.upper
         files = dict(callhome.firstboot_files())
         if env is not None:
@@ -211,6 +212,10 @@ class LocalProvider(Provider):
         files[f"{PROVISION_DIR}/run"] = (HOST_PROVISION, 0o700)
         files[f"{PROVISION_DIR}/user"] = (ssh.user(self.config), 0o600)
         files[f"{PROVISION_DIR}/authorized_key"] = (pubkey, 0o600)
+        # its SSH host key: made here and pinned before the first connection, so the host makes none
+        host_key = rootfs.HostKey.new(names.hostname_for(host.name))
+        files.update(host_key.files())
+        files.update(rootfs.own_host_key_config("booted-host.conf"))
         # the name must be in place before the host's systemd reads /etc/hostname at boot
         for path, content in rootfs.name_files(names.hostname_for(host.name)).items():
             files[path] = (content, 0o644)
@@ -223,6 +228,7 @@ class LocalProvider(Provider):
             link = wants / Path(unit).name
             if not link.is_symlink():
                 link.symlink_to(unit)
+        ssh.pin(host.address, host_key.public)
 
     def clone(self, source: str, new: str, env) -> Machine:
         src = self._host(source)
