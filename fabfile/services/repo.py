@@ -367,13 +367,33 @@ def _pack(service: Service, version: str, dest_tar: str | os.PathLike) -> tuple[
     return _with_repo(service, version, archive)
 
 
+def _safe_members(tar: tarfile.TarFile, tarball: str | os.PathLike) -> list[tarfile.TarInfo]:
+    """What the "data" filter lets through: regular files, directories and links that stay inside
+    the destination; anything else is an error naming the member."""
+    members = []
+    for member in tar.getmembers():
+        parts = Path(member.name).parts
+        bad = (member.name.startswith("/") or ".." in parts
+               or not (member.isfile() or member.isdir() or member.issym() or member.islnk())
+               or ((member.issym() or member.islnk())
+                   and (member.linkname.startswith("/") or ".." in Path(member.linkname).parts)))
+        if bad:
+            raise tarfile.TarError(f"refusing member {member.name!r}")
+        member.mode &= 0o755  # no set-id bits, as the data filter
+        members.append(member)
+    return members
+
+
 def unpack(tarball: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
     """Extract a packed version into ``dest_dir`` (refusing absolute paths, '..' and devices)."""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(tarball, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # Python before 3.11.4 (Debian 12's 3.11.2) has no extraction filters: the same checks here
+                tar.extractall(dest, members=_safe_members(tar, tarball))
     except (tarfile.TarError, OSError) as err:
         raise RepoError(f"cannot unpack {tarball}: {err}") from None
     return dest
