@@ -239,6 +239,7 @@ class BringupLab:
     def floor_up(self, n: int, keyed: bool = False) -> sbs.Outcome:
         """N+1 plain nspawn containers, fresh overlays, same bridge: time until every one answers SSH.
         ``keyed``: each overlay holds a host key made beforehand (untimed) and booted's sshd settings."""
+        from fabfile.core.state import write_tree
         from fabfile.providers import bridge, rootfs
         from fabfile.providers.local import containment
         from fabfile.providers.local import network as localnet
@@ -254,12 +255,8 @@ class BringupLab:
                 folder = self.root / "floor" / f"f{i:03d}"
                 (folder / "upper").mkdir(parents=True, exist_ok=True)
                 if keyed:
-                    files = {**rootfs.HostKey.new(f"f{i:03d}").files(), **rootfs.own_host_key_config("booted-host.conf")}
-                    for path, (content, mode) in files.items():
-                        target = folder / "upper" / path.lstrip("/")
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_text(content)
-                        target.chmod(mode)
+                    write_tree(folder / "upper", {**rootfs.HostKey.new(f"f{i:03d}").files(),
+                                                  **rootfs.own_host_key_config("booted-host.conf")})
                 link = localnet.HostLink(netns=f"bfloor-{tag}-{i:03d}", veth=f"vf{tag}{i:03d}")
                 mac = f"02:fe:00:00:{i // 256:02x}:{i % 256:02x}"
                 hosts.append({"folder": folder, "link": link, "address": address, "mac": mac,

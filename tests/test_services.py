@@ -404,3 +404,56 @@ def test_tests_that_hang_are_stopped_at_the_manifest_timeout(tmp_path):
     assert not ok
     assert output == "svc tests: timed out after 1s: python3 -c import time; time.sleep(30)"
     assert time.monotonic() - started < 10
+
+
+def _tar_with(path: Path, member: str) -> Path:
+    """A release tarball holding app.py and one more member of the kind ``member`` names."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        good = tarfile.TarInfo("app.py")
+        good.size = 6
+        tar.addfile(good, io.BytesIO(b"print\n"))
+        info = tarfile.TarInfo({"parent": "../evil", "absolute": "/tmp/evil"}.get(member, "extra"))
+        if member in ("parent", "absolute", "setuid"):
+            info.size, info.mode = 4, (0o4755 if member == "setuid" else 0o644)
+            tar.addfile(info, io.BytesIO(b"evil"))
+        elif member in ("symlink-out", "symlink-up", "symlink-in"):
+            info.type = tarfile.SYMTYPE
+            info.linkname = {"symlink-out": "/etc/passwd", "symlink-up": "../../etc", "symlink-in": "app.py"}[member]
+            tar.addfile(info)
+        elif member == "device":
+            info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+            tar.addfile(info)
+    return path
+
+
+# Python before 3.11.4 (Debian 12's python3 is 3.11.2) has no tarfile extraction filters: unpack
+# then makes the "data" filter's checks itself. Both ways must refuse and accept the same members.
+@pytest.mark.parametrize("with_filter", [True, False], ids=["tarfile-filter", "own-checks"])
+@pytest.mark.parametrize("member, accepted", [
+    ("plain", True), ("symlink-in", True), ("setuid", True), ("absolute", True),
+    ("parent", False), ("symlink-out", False), ("symlink-up", False), ("device", False),
+])
+def test_unpack_refuses_members_that_leave_the_release(tmp_path, monkeypatch, with_filter, member, accepted):
+    import tarfile
+
+    if not with_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile extraction filters")
+    tarball = _tar_with(tmp_path / "rel.tar.gz", member)
+    dest = tmp_path / "out"
+    if accepted:
+        servicerepo.unpack(tarball, dest)
+        assert (dest / "app.py").read_bytes() == b"print\n"
+        if member == "setuid":
+            assert (dest / "extra").stat().st_mode & 0o7000 == 0
+        if member == "absolute":
+            assert (dest / "tmp" / "evil").exists()
+    else:
+        with pytest.raises(RepoError, match="cannot unpack"):
+            servicerepo.unpack(tarball, dest)
+        assert not (tmp_path / "evil").exists()
+    assert not Path("/tmp/evil").exists()

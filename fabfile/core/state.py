@@ -69,6 +69,13 @@ def atomic_write(path: Path | str, data: str | bytes, mode: int = 0o644) -> Path
     return path
 
 
+def write_tree(root: Path | str, files: dict[str, tuple[str, int]]) -> None:
+    """Write ``files`` (a path on the machine, leading slash or not -> (contents, mode)) under
+    ``root``, each atomically: a host's overlay, an image being built, a seed disk's tree."""
+    for path, (content, mode) in files.items():
+        atomic_write(Path(root) / path.lstrip("/"), content, mode=mode)
+
+
 def atomic_write_json(path: Path | str, obj: Any, mode: int = 0o644) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
 

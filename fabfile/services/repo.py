@@ -367,13 +367,13 @@ def _pack(service: Service, version: str, dest_tar: str | os.PathLike) -> tuple[
     return _with_repo(service, version, archive)
 
 
-def _safe_members(tar: tarfile.TarFile, tarball: str | os.PathLike) -> list[tarfile.TarInfo]:
+def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     """What the "data" filter lets through: regular files, directories and links that stay inside
     the destination; anything else is an error naming the member."""
     members = []
     for member in tar.getmembers():
-        parts = Path(member.name).parts
-        bad = (member.name.startswith("/") or ".." in parts
+        member.name = member.name.lstrip("/")  # as the filter: an absolute name lands inside
+        bad = (".." in Path(member.name).parts
                or not (member.isfile() or member.isdir() or member.issym() or member.islnk())
                or ((member.issym() or member.islnk())
                    and (member.linkname.startswith("/") or ".." in Path(member.linkname).parts)))
@@ -393,7 +393,7 @@ def unpack(tarball: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, filter="data")
             else:  # Python before 3.11.4 (Debian 12's 3.11.2) has no extraction filters: the same checks here
-                tar.extractall(dest, members=_safe_members(tar, tarball))
+                tar.extractall(dest, members=_safe_members(tar))
     except (tarfile.TarError, OSError) as err:
         raise RepoError(f"cannot unpack {tarball}: {err}") from None
     return dest

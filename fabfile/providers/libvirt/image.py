@@ -27,7 +27,7 @@ from pathlib import Path
 from fabfile.core import localcmd
 from fabfile.core.errors import ProviderError
 from fabfile.core.output import progress
-from fabfile.core.state import atomic_write, locked
+from fabfile.core.state import locked, write_tree
 from fabfile.hosts import callhome
 from fabfile.hosts.provision import USER_SETUP
 from fabfile.providers.rootfs import SSHD_OWN_KEY_CONFIG, SSHD_OWN_KEY_DROPIN, HostKey, own_host_key_config
@@ -222,8 +222,7 @@ def _install_files(root: Path, provision_script: str) -> None:
     # the VM's host key comes from its seed (see Seed): sshd makes none at boot
     files.update(own_host_key_config("booted-vm.conf"))
     files["/etc/modprobe.d/booted-vm.conf"] = (MODPROBE_BLACKLIST, 0o644)
-    for path, (content, mode) in files.items():
-        atomic_write(root / path.lstrip("/"), content, mode=mode)
+    write_tree(root, files)
 
 
 @dataclass(frozen=True)
@@ -268,11 +267,7 @@ def make_seed_disk(seed: Seed, dest: Path) -> Path:
     """Write ``seed`` as a small ext4 image at ``dest`` (mode 0600: it holds the host's call-home key)."""
     with tempfile.TemporaryDirectory(prefix="booted-seed-") as tmp:
         tree = Path(tmp) / "tree"
-        for rel, (content, mode) in seed.tree().items():
-            path = tree / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-            os.chmod(path, mode)
+        write_tree(tree, seed.tree())
         os.chmod(tree, 0o755)
         out = Path(tmp) / "seed.img"
         localcmd.run(["mkfs.ext4", "-q", "-F", "-L", SEED_LABEL, "-E", "root_owner=0:0", "-d", str(tree), str(out),

@@ -30,7 +30,7 @@ from fabfile.core import localcmd, names, ssh
 from fabfile.core.config import size_limit
 from fabfile.core.errors import ProviderError, WaitTimeout
 from fabfile.core.output import progress, wait_until
-from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path
+from fabfile.core.state import atomic_write, atomic_write_json, locked, read_json, state_path, write_tree
 from fabfile.hosts import callhome
 from fabfile.hosts.provision import USER_SETUP
 from fabfile.providers import bridge, rootfs
@@ -219,8 +219,7 @@ class LocalProvider(Provider):
         # the name must be in place before the host's systemd reads /etc/hostname at boot
         for path, content in rootfs.name_files(names.hostname_for(host.name)).items():
             files[path] = (content, 0o644)
-        for path, (content, mode) in files.items():
-            atomic_write(upper / path.lstrip("/"), content, mode=mode)
+        write_tree(upper, files)
         # enabled the way `systemctl enable` would (their [Install] says multi-user.target)
         wants = upper / WANTS_DIR.lstrip("/")
         wants.mkdir(parents=True, exist_ok=True)
