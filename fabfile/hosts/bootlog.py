@@ -35,12 +35,13 @@ import stat
 import urllib.parse
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import compress, repeat
 from pathlib import Path
 from typing import NamedTuple
 
-from fabfile.core import localcmd, names
+from fabfile.core import forked, localcmd, names
 from fabfile.core.config import Config
 from fabfile.core.errors import BootedError, UsageError
 from fabfile.core.state import atomic_write_json, locked, read_json, state_path
@@ -530,10 +531,45 @@ class BootedLog:
 
     def _read(self, fh, start: int, result: ReadResult) -> None:
         """Parse every complete line from ``start`` into ``result``, one chunk of lines at a time
-        (``_Checks.lines``). This machine's addresses are looked up only if there is a line to read."""
+        (``_Checks.lines``). This machine's addresses are looked up only if there is a line to read.
+
+        A large read is cut at line ends into parts, one per core (``_parts``); forked children
+        read all but the last part while this process reads the last, and the parts' results are
+        joined in file order: the same result as one read, in about half the time on two cores. A
+        child that fails has its part read here."""
         result.start = result.end = start
+        bounds = _parts(fh, start)
+        if len(bounds) == 1:
+            self._read_part(fh, start, None, result)
+            return
+        self._control = self.control  # looked up once, before the fork, not in every child
+        with ExitStack() as children:
+            heads = [children.enter_context(forked.Forked(self._read_forked, fh.fileno(), a, b))
+                     for a, b in zip(bounds, bounds[1:])]
+            tail = ReadResult(start=bounds[-1])
+            self._read_part(fh, bounds[-1], None, tail)
+            parts = [_unpacked(child.result(), a) for child, a in zip(heads, bounds)]
+        for part, (a, b) in zip(parts, zip(bounds, bounds[1:])):
+            if part is None:
+                part = ReadResult(start=a)
+                self._read_part(fh, a, b, part)
+            _join(result, part)
+        _join(result, tail)
+
+    def _read_forked(self, fd: int, start: int, stop: int) -> tuple:
+        """``_read_part`` in a forked child, through its own open file (the parent's shares one
+        offset), packed for the trip back (``_unpacked``)."""
+        with open(f"/proc/self/fd/{fd}", "rb") as fh:
+            part = ReadResult(start=start)
+            self._read_part(fh, start, stop, part)
+        # the calls as columns of plain values: pickling named tuples one by one cost 0.27 s per 50,000
+        return part.lines, part.end, dict(part.skipped), tuple(zip(*part.calls))
+
+    def _read_part(self, fh, start: int, stop: int | None, result: ReadResult) -> None:
+        """Parse the complete lines from ``start`` up to ``stop`` (a line end; None: the end of the file)."""
+        result.end = start
         checks = None
-        for lines, count, overlong, end in _line_batches(fh, start):
+        for lines, count, overlong, end in _line_batches(fh, start, stop):
             if checks is None:
                 checks = _Checks(self.config, self.control, callhome.Keyring(self.config))
             if overlong:
@@ -544,12 +580,67 @@ class BootedLog:
             result.end = end
 
 
+def _join(result: ReadResult, part: ReadResult) -> None:
+    """Add ``part``, read from where ``result`` ends, to ``result``."""
+    result.calls += part.calls
+    result.skipped.update(part.skipped)
+    result.lines += part.lines
+    result.end = part.end
+
+
+def _unpacked(packed: tuple | None, start: int) -> ReadResult | None:
+    """A part's result from ``_read_forked``'s packing; None for None (the child failed)."""
+    if packed is None:
+        return None
+    lines, end, skipped, columns = packed
+    calls = list(map(tuple.__new__, repeat(Call), zip(*columns)))  # Call(*row) at C speed
+    return ReadResult(calls=calls, skipped=Counter(skipped), lines=lines, start=start, end=end)
+
+
+# The least a part holds. A fork, the copies-on-write it causes and the return of a part's result
+# cost 10-20 ms here; junk lines, the cheapest, read at about 3 ms a MiB (a junk log of 11 MiB read
+# 0.035 s at once, 0.056 s in two parts), lines naming known images at 10-30 ms a MiB.
+_PART_MIN = 8 << 20
+
+
+def _parts(fh, start: int) -> list[int]:
+    """Where the parts of a read from ``start`` begin: ``[start]`` alone unless the rest of the file
+    is large, more than one core is free and forking is safe; else up to one part per core, of about
+    equal size, each beginning just after a newline."""
+    size = os.fstat(fh.fileno()).st_size
+    count = min(forked.cores(), (size - start) // _PART_MIN)
+    if count < 2 or not forked.can_fork():
+        return [start]
+    bounds = [start]
+    for i in range(1, count):
+        at = _line_start_from(fh.fileno(), max(bounds[-1] + 1, start + (size - start) * i // count), size)
+        if at is None:
+            break
+        bounds.append(at)
+    return bounds
+
+
+def _line_start_from(fd: int, offset: int, size: int) -> int | None:
+    """The first offset at or after ``offset`` that follows a newline, if it is before ``size``."""
+    position = offset - 1
+    while position < size - 1:
+        block = os.pread(fd, _CHUNK, position)
+        if not block:
+            return None
+        found = block.find(b"\n")
+        if found >= 0:
+            at = position + found + 1
+            return at if at < size else None
+        position += len(block)
+    return None
+
+
 _LINE_START = b"\n" + _PREFIX
 _BLOCK = 2048  # any run of 2 × _BLOCK - 1 bytes holds an aligned block: MAX_LINE + 1 >= 2 × _BLOCK - 1
 
 
-def _line_batches(fh, start: int) -> Iterator[tuple[bytes, int, int, int]]:
-    """The complete lines from ``start``, a chunk at a time: (the lines joined by newlines, without
+def _line_batches(fh, start: int, stop: int | None = None) -> Iterator[tuple[bytes, int, int, int]]:
+    """The complete lines from ``start`` (up to ``stop``, if given), a chunk at a time: (the lines joined by newlines, without
     the overlong ones; how many lines that is; how many overlong lines were dropped; file offset
     after the last line).
 
@@ -562,7 +653,7 @@ def _line_batches(fh, start: int) -> Iterator[tuple[bytes, int, int, int]]:
     overlong = False  # that line is already too long; its bytes are dropped until its newline
     position = start  # file offset of the first byte of the current chunk
     while True:
-        chunk = fh.read(_CHUNK)
+        chunk = fh.read(_CHUNK if stop is None else min(_CHUNK, stop - position))
         if not chunk:
             return
         last = chunk.rfind(b"\n")
