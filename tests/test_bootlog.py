@@ -242,6 +242,109 @@ def test_the_real_callhome_script_is_understood(cfg, tmp_path):
     assert abs(call.ts - time.time()) < 60
 
 
+@pytest.mark.parametrize("value", [
+    "prod-web1", "52:54:00:aa:bb:cc", "10.77.0.21", "a b+c&d=e/f?g#h%", "~_.-", "é€\u2603", "", "\x00\x7f\n",
+])
+def test_the_script_encodes_a_query_as_urlencode_does(value):
+    pairs = [("env", "prod"), ("v", value), (value, "k")]
+    assert SCRIPT.urlencode(pairs) == urllib.parse.urlencode(pairs)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://10.77.0.1:8080/booted/callhome", ("10.77.0.1", 8080, "/booted/callhome")),
+    ("http://10.77.0.1/booted/callhome", ("10.77.0.1", 80, "/booted/callhome")),
+    ("http://[fd00::1]:81/x?y=1", ("fd00::1", 81, "/x?y=1")),
+    ("http://host:9", ("host", 9, "")),
+])
+def test_the_script_splits_its_url(url, expected):
+    assert SCRIPT.split_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["https://10.77.0.1/x", "10.77.0.1:80/x", "http://h:port/x"])
+def test_the_script_refuses_a_url_it_cannot_call(url):
+    with pytest.raises(ValueError):
+        SCRIPT.split_url(url)
+
+
+def test_the_script_finds_each_interface_mac_as_ip_does():
+    """The MAC of the interface holding an address, from the kernel, as `ip` reports it."""
+    links = json.loads(subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout)
+    pairs = [(a["local"], link.get("address", "")) for link in links for a in link.get("addr_info", [])
+             if a.get("family") == "inet"][:8]
+    assert ("127.0.0.1", "00:00:00:00:00:00") in pairs
+    for addr, mac in pairs:
+        assert SCRIPT.interface_mac(addr) in (mac, "")  # "": not its interface's first address
+        assert SCRIPT.interface_mac_ip(addr) == mac
+    assert SCRIPT.interface_mac("192.0.2.77") == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a network namespace")
+def test_the_script_finds_the_mac_in_its_own_network_namespace():
+    """A local host's /sys shows the machine's links, not its own network namespace's (nspawn with
+    a namespace path): the MAC comes from the kernel through a socket, as in the host."""
+    code = ("import runpy, sys; m = runpy.run_path(sys.argv[1], run_name='x'); "
+            "print(m['interface_mac']('192.0.2.5'), m['route_source']('http://192.0.2.9:80/x'))")
+    proc = subprocess.run(
+        ["unshare", "-n", "sh", "-ec",
+         'ip link add v0 address 02:aa:bb:cc:dd:ee type veth peer name v1; ip addr add 192.0.2.5/24 dev v0; '
+         'ip link set v0 up; exec /usr/bin/python3 -IS -c "$0" "$1"', code, str(callhome.SCRIPT)],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "02:aa:bb:cc:dd:ee ('192.0.2.5', '02:aa:bb:cc:dd:ee')"
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200),
+    (b"HTTP/1.0 403 Forbidden\r\n\r\n", 403),
+    (b"HTTP/1.1 503", 503),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", None),
+    (b"", None),
+])
+def test_the_script_reads_the_status_of_an_answer(answer, expected):
+    """The script's own HTTP: one GET with Host and Connection: close; the status line's code, and
+    an error for anything that is not an HTTP answer."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    received = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            received.append(data)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        if expected is None:
+            with pytest.raises(OSError):
+                SCRIPT.http_get(f"http://127.0.0.1:{port}/booted/callhome?a=1", timeout=5)
+        else:
+            assert SCRIPT.http_get(f"http://127.0.0.1:{port}/booted/callhome?a=1", timeout=5) == expected
+    finally:
+        thread.join(5)
+        server.close()
+    request = received[0].decode()
+    assert request.startswith("GET /booted/callhome?a=1 HTTP/1.1\r\n")
+    assert f"\r\nHost: 127.0.0.1:{port}\r\n" in request and "\r\nConnection: close\r\n" in request
+
+
+def test_the_script_runs_isolated_with_debians_python():
+    """Its first line runs it with -IS; it imports and answers with nothing from site-packages."""
+    first = callhome.SCRIPT.read_text().splitlines()[0]
+    assert first == "#!/usr/bin/python3 -IS"
+    proc = subprocess.run(["/usr/bin/python3", "-IS", "-c",
+                           "import runpy, sys; m = runpy.run_path(sys.argv[1], run_name='x'); "
+                           "print(m['split_url']('http://h:1/p'), 'json' in sys.modules, 'urllib' in sys.modules)",
+                           str(callhome.SCRIPT)], capture_output=True, text=True)
+    assert proc.stdout.strip() == "('h', 1, '/p') False False", proc.stderr
+
+
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed: cannot check the real log format")
 def test_lines_as_real_nginx_writes_them(cfg, tmp_path):
     """A real nginx with booted's log_format; only the client address is rewritten afterwards
