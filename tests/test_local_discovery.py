@@ -75,6 +75,21 @@ def test_hosts_have_their_own_hostname_address_and_host_keys(disco):
     assert len(keys) == 3, "clones of one base image must not share SSH host keys"
 
 
+def test_a_host_calls_home_only_once_it_permits_logins(disco):
+    """Called home means ready for booted's login: /run/nologin (PAM refuses all but root while it
+    exists) is gone before the call home starts, as the host's own systemd orders and records it."""
+    image = DISCO[0]
+    result = disco.ssh(image, "sh", "-c", "test ! -e /run/nologin && echo permitted; "
+                       "systemctl show -P After booted-callhome.service; "
+                       "systemctl show -P ExecMainStartTimestampMonotonic booted-callhome.service; "
+                       "systemctl show -P ExecMainExitTimestampMonotonic systemd-user-sessions.service")
+    assert result.returncode == 0, result.stderr
+    permitted, after, callhome_started, sessions_permitted = result.stdout.strip().splitlines()
+    assert permitted == "permitted"
+    assert "systemd-user-sessions.service" in after.split()
+    assert 0 < int(sessions_permitted) <= int(callhome_started)
+
+
 def test_a_built_host_key_is_pinned_before_the_host_ever_boots(lab):
     lab.fab("image-build", "--image", "disco-pin", "--provider", "local", check=True, timeout=1500)
     try:

@@ -1,6 +1,9 @@
 """Planning kept apart from doing: the exact commands and files booted would use, as tables."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from fabfile.core import templates
@@ -114,3 +117,21 @@ def test_load_balancer_config_marks_drained_workers_down_and_changes_its_id():
     assert loadbalancer.render(env, [b, a]) == (text, cid)  # order does not matter
     empty, _ = loadbalancer.render(env, [])
     assert "server 127.0.0.1:9 down;" in empty
+
+
+@pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed")
+@pytest.mark.parametrize("workers, drained", [(1, 0), (32, 0), (33, 0), (76, 5), (100, 0), (101, 1), (400, 0)])
+def test_nginx_accepts_the_load_balancer_config_for_any_number_of_workers(tmp_path, workers, drained):
+    """The upstream zone holds every server line: at 100 workers a fixed 64k made `nginx -t` fail
+    ("no memory in upstream zone") and the bring-up with it."""
+    from fabfile.balancing import loadbalancer
+
+    env = load_config().env("local")
+    ups = [loadbalancer.Upstream(f"10.{77 + i // 250}.0.{i % 250 + 1}", 9999, down=i < drained) for i in range(workers)]
+    text, _ = loadbalancer.render(env, ups)
+    (tmp_path / "lb.conf").write_text(text)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log; events {{}}\n"
+        f"http {{ access_log off; include {tmp_path}/lb.conf; }}\n")
+    test = subprocess.run(["nginx", "-t", "-q", "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True)
+    assert test.returncode == 0, test.stderr
