@@ -57,3 +57,11 @@ def test_no_fork_while_other_threads_run():
         stop.set()
         thread.join()
     assert forked.cores() >= 1
+
+
+def test_a_child_that_cannot_be_started_gives_none(monkeypatch):
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(forked.os, "fork", no_fork)
+    with forked.Forked(lambda: 1) as child:
+        assert child.pid is None and child.result() is None

@@ -37,8 +37,18 @@ class Forked:
     """``fn(*args)`` run in a forked child; ``result()`` is its return value, or None if it failed."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any):
-        read_end, write_end = os.pipe()
-        pid = os.fork()
+        self.pid: int | None = None
+        self._read_end: int | None = None
+        try:
+            read_end, write_end = os.pipe()
+        except OSError:  # out of file descriptors: no child, result() is None
+            return
+        try:
+            pid = os.fork()
+        except OSError:  # out of processes or memory: the same
+            os.close(read_end)
+            os.close(write_end)
+            return
         if pid == 0:  # the child: never returns into the caller's code
             status = 1
             try:
@@ -49,19 +59,20 @@ class Forked:
                 while view:
                     view = view[os.write(write_end, view):]
                 status = 0
-            except BaseException:  # noqa: BLE001: the parent redoes the work and reports any error itself
+            except BaseException:  # noqa: BLE001 (the parent redoes the work and reports any error itself)
                 pass
             finally:
                 os._exit(status)  # no atexit handlers, no flush of the parent's buffers
         os.close(write_end)
-        self.pid: int | None = pid
-        self._read_end: int | None = read_end
+        self.pid = pid
+        self._read_end = read_end
 
     def result(self) -> Any | None:
-        """Wait for the child; its result, or None if it failed."""
+        """Wait for the child; its result, or None if it failed, could not be started or was
+        already collected."""
         chunks = []
         if self._read_end is None:
-            raise RuntimeError("result() was already collected")
+            return None
         try:
             while chunk := os.read(self._read_end, 1 << 20):
                 chunks.append(chunk)
@@ -71,7 +82,7 @@ class Forked:
             return None
         try:
             return pickle.loads(b"".join(chunks))
-        except Exception:  # noqa: BLE001: a truncated stream; the caller redoes the work
+        except Exception:  # noqa: BLE001 (a truncated stream: the caller redoes the work)
             return None
 
     def _reap(self, kill: bool) -> int | None:
