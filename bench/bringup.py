@@ -2,8 +2,8 @@
 
     python3 bench/bringup.py [--sizes 3,30] [--rounds 2]
 
-Needs root, systemd-nspawn and a base image (``BOOTED_IMAGE_CACHE=/var/cache/booted-image`` reuses
-a cached one). The lab is tests/lab.py's (own state dir, config, bridge, subnet, nginx port) with
+Needs root and systemd-nspawn. The base image is built first, untimed, unless a current one is
+cached (``BOOTED_IMAGE_CACHE=/var/cache/booted-image`` keeps it between runs). The lab is tests/lab.py's (own state dir, config, bridge, subnet, nginx port) with
 one environment per N: ``uN`` = one load balancer ``uN-lb`` and N workers ``uN-wNNN``.
 
 Per N, after a warm-up run of each case, ``--rounds`` rounds in a fresh random order of:
