@@ -100,8 +100,12 @@ def make_program(argv: list[str]) -> Program:
 
 def main() -> None:
     try:
-        make_program(sys.argv).run(sys.argv)
-        sys.stdout.flush()
+        try:
+            make_program(sys.argv).run(sys.argv)
+        finally:
+            # also when run() ends in sys.exit (invoke's way out of --list, --help): left to the
+            # interpreter's shutdown, a failed flush printed "Exception ignored ... BrokenPipeError"
+            sys.stdout.flush()
     except BrokenPipeError:  # `fab --list | head`: the reader left; that is no error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's docs, "Note on SIGPIPE"
         sys.exit(1)

@@ -10,6 +10,7 @@ gone at the end, also when a step fails. Times are printed for README "Growing p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,8 +128,12 @@ def multi(lab, tmp_path_factory, request):
             for what, seconds in times.items():
                 print(f"  {seconds:6.1f} s  {what}")
             if request.session.testsfailed > failed_before:  # what the hypervisors saw, for the report
-                for name in hvlab.hypervisors:
-                    print(f"\n{name}'s journal (ssh, logind, libvirtd), last lines:\n{hvlab.journal_tail(name)}")
+                # past pytest's capture: this teardown runs in a later test that passed, whose captured
+                # output pytest does not show (a CI run lost these lines so)
+                capture = request.config.pluginmanager.getplugin("capturemanager")
+                with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                    for name in hvlab.hypervisors:
+                        print(f"\n{name}'s journal (ssh, logind, libvirtd), last lines:\n{hvlab.journal_tail(name)}")
     # hypervisor_lab's teardown power-cut both hypervisors (every QEMU dies with its container's
     # PID namespace) and asserted that nothing of them is left
 

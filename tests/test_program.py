@@ -2,6 +2,7 @@
 fabric's own program does, and imports no paramiko unless the command line or a task needs SSH."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -102,10 +103,52 @@ def test_fabrics_flags_run_fabrics_program(args, expect, tmp_path):
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """`fab --list | head -0`: the reader is gone before fab writes (closed before fab starts, so
+    the test does not race fab's start-up): exit 1, no traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOOTED_")}
     env["BOOTED_STATE_DIR"] = str(tmp_path / "state")
-    proc = subprocess.Popen([str(FAB), "--list"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    proc.stdout.close()  # like `fab --list | head -0`: nobody reads
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen([str(FAB), "--list"], cwd=ROOT, env=env, stdout=write_end, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write_end)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["--list"], ["--help"], ["hosts-list"]])
+def test_a_reader_that_leaves_midway_gets_no_traceback(tmp_path, argv):
+    """`fab --list | head -1`: whenever the reader leaves, fab ends with 0 (all was written) or 1,
+    never with Python's "Exception ignored ... BrokenPipeError" and exit 120."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOOTED_")}
+    env["BOOTED_STATE_DIR"] = str(tmp_path / "state")
+    proc = subprocess.Popen([str(FAB), *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1) and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_output_left_for_the_exit_is_flushed_where_a_gone_reader_is_caught(monkeypatch):
+    """invoke leaves --list and --help through sys.exit with output still buffered; a reader that
+    left by then must cost exit 1, not the interpreter's "Exception ignored" and exit 120."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), line_buffering=False)
+
+    class Program:
+        def run(self, argv):
+            sys.stdout.write("Available tasks:")  # buffered, not yet written
+            sys.exit(0)
+
+    monkeypatch.setattr(program, "make_program", lambda argv: Program())
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            program.main()
+        assert ended.value.code == 1
+    finally:
+        stdout.close()  # the write end now points at /dev/null: closes cleanly
