@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -100,7 +101,11 @@ def ksvalidate(paths):
     """(exit code, output) of ``ksvalidator -v RHEL9`` on ``paths``; its own logic in-process if not installed."""
     exe = shutil.which("ksvalidator")
     if exe:
-        proc = subprocess.run([exe, "-v", "RHEL9", *map(str, paths)], capture_output=True, text=True, timeout=120)
+        # ksvalidator leaves its preprocessed copy of each file behind (pykickstart's
+        # preprocessKickstart: mkstemp, never removed): in a folder of the test's own, not /tmp
+        with tempfile.TemporaryDirectory(prefix="ksvalidator-") as scratch:
+            proc = subprocess.run([exe, "-v", "RHEL9", *map(str, paths)], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "TMPDIR": scratch})
         return proc.returncode, proc.stdout + proc.stderr
     errors = []
     for path in paths:
