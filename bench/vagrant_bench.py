@@ -278,8 +278,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab's folder (VMs are removed)")
     args = parser.parse_args()
-    reason = cannot_run_vms() or (None if shutil.which("vagrant") and shutil.which("debugfs") else
-                                  "vagrant or debugfs is not installed (apt-get install vagrant vagrant-libvirt)")
+    # vagrant-libvirt's management network needs libvirt to start dnsmasq
+    missing = [tool for tool in ("vagrant", "debugfs", "dnsmasq") if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")]
+    reason = cannot_run_vms() or (f"not installed: {', '.join(missing)} (apt-get install vagrant vagrant-libvirt "
+                                  "dnsmasq-base e2fsprogs)" if missing else None)
     if reason:
         print(f"bench: cannot run: {reason}", file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import shutil
 import stat
 import subprocess
@@ -35,6 +34,8 @@ import tempfile
 from pathlib import Path
 
 from isofixture import make_test_iso
+
+from fabfile.providers.libvirt import initrd
 
 HERE = Path(__file__).resolve().parent / "standin"
 BUSYBOX = Path("/bin/busybox")
@@ -119,47 +120,12 @@ def kernel_modules(base_disk: Path, work: Path) -> tuple[list[str], dict[str, by
         assert versions, f"no kernel modules in {base_disk}"
         root = f"/lib/modules/{versions[-1]}"
         _debugfs(raw, [f"dump {root}/modules.dep {out}/modules.dep", f"dump {root}/modules.builtin {out}/modules.builtin"])
-        deps = {}
-        for line in (out / "modules.dep").read_text().splitlines():
-            path, _, rest = line.partition(":")
-            deps[path] = rest.split()
-        by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
-        order: list[str] = []
-
-        def add(path: str) -> None:
-            for dep in reversed(deps[path]):  # modules.dep lists the ones to load first last
-                add(dep)
-            if path not in order:
-                order.append(path)
-
-        for name in TOP_MODULES:
-            add(by_name[name])
+        order = initrd.load_order((out / "modules.dep").read_text(), TOP_MODULES)
         assert all(p.endswith(".ko") for p in order), f"compressed modules are not handled: {order}"
         _debugfs(raw, [f"dump {root}/{p} {out}/{Path(p).name}" for p in order])
         return [Path(p).name[:-3] for p in order], {Path(p).name[:-3]: (out / Path(p).name).read_bytes() for p in order}
     finally:
         raw.unlink(missing_ok=True)
-
-
-def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A cpio "newc" archive (the initramfs format, kernel docs: early-userspace/buffer-format).
-
-    Character devices are /dev/console (5, 1) only: the kernel opens it for init's stdio."""
-    out = io.BytesIO()
-
-    def pad(n: int) -> None:
-        out.write(b"\0" * ((4 - n % 4) % 4))
-
-    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
-        encoded = name.encode() + b"\0"
-        rdev = (5, 1) if stat.S_ISCHR(mode) else (0, 0)
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(encoded), 0]
-        header = b"070701" + b"".join(f"{f:08x}".encode() for f in fields)
-        out.write(header + encoded)
-        pad(len(header) + len(encoded))
-        out.write(data)
-        pad(len(data))
-    return out.getvalue()
 
 
 def make_initrd(modules: tuple[list[str], dict[str, bytes]]) -> bytes:
@@ -178,7 +144,7 @@ def make_initrd(modules: tuple[list[str], dict[str, bytes]]) -> bytes:
     entries += [(f"lib/modules/{name}.ko", f | 0o644, blobs[name]) for name in order]
     # /dev/console must exist before devtmpfs is mounted: the kernel opens it for init's stdio (5, 1)
     entries.append(("dev/console", stat.S_IFCHR | 0o600, b""))
-    return gzip.compress(_cpio_newc(entries), compresslevel=6)
+    return gzip.compress(initrd.cpio_newc(entries), compresslevel=6)
 
 
 def treeinfo(files: dict[str, bytes]) -> str:

@@ -319,7 +319,8 @@ def test_the_seed_service_and_the_vm_provision_script_agree_on_their_arguments()
     must take them so (the local provider's reads files instead; sharing it left VMs with no user)."""
     from fabfile.providers.libvirt import image
 
-    assert '/usr/local/lib/booted/provision "$(cat "$mnt/user")" "$(cat "$mnt/pubkey")" "$(cat "$mnt/hostname")"' \
-        in image.SEED_SCRIPT
+    for name in ("user", "pubkey", "hostname"):
+        assert f'read -r {name} < "$mnt/{name}"' in image.SEED_SCRIPT
+    assert '/usr/local/lib/booted/provision "$user" "$pubkey" "$hostname"' in image.SEED_SCRIPT
     assert 'user="$1"; pubkey="$2"; hostname="$3"' in image.VM_PROVISION
     assert "/etc/booted/provision" not in image.VM_PROVISION

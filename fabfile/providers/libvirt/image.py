@@ -1,10 +1,11 @@
 """The VM base image and each VM's seed disk.
 
 Base image: the local provider's cached Debian root file system (debootstrap: systemd, sshd,
-python3, nginx-light, ...) copied, plus a kernel with a small initrd (virtio and ext4 only),
-systemd-networkd, booted's first-boot files (call home) and the seed service below; then
-``mkfs.ext4 -d`` into a raw disk and ``qemu-img convert`` to qcow2. Built once per recipe and
-cached next to the local base image; each VM is a copy-on-write overlay over it.
+python3, nginx-light, ...) copied, plus a kernel, systemd-networkd, acpid, booted's first-boot
+files (call home) and the seed service below, with what a small server VM does not use at boot
+masked; then ``mkfs.ext4 -d`` into a raw disk and ``qemu-img convert`` to qcow2. Built once per recipe and
+cached next to the local base image, with the kernel and booted's own initrd (initrd.py) that VMs
+boot directly; each VM is a copy-on-write overlay over it.
 
 Seed disk: a small ext4 file system labelled ``booted-seed``, made per VM and attached read-only.
 It carries the VM's identity: hostname, static address (a systemd-networkd file for its MAC),
@@ -30,10 +31,11 @@ from fabfile.core.output import progress
 from fabfile.core.state import locked, write_tree
 from fabfile.hosts import callhome
 from fabfile.hosts.provision import USER_SETUP
+from fabfile.providers.libvirt import initrd
 from fabfile.providers.rootfs import SSHD_OWN_KEY_CONFIG, SSHD_OWN_KEY_DROPIN, HostKey, own_host_key_config
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 SEED_LABEL = "booted-seed"
 SEED_SIZE = 4 * 1024 * 1024
 
@@ -44,41 +46,63 @@ set -eu
 export DEBIAN_FRONTEND=noninteractive
 rm -f /usr/sbin/policy-rc.d
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends linux-image-amd64 initramfs-tools >/dev/null
-# The initrd only has to find the virtio root disk: 36 MB -> ~7 MB, and a faster boot.
+apt-get install -y -qq --no-install-recommends linux-image-amd64 initramfs-tools busybox-static acpid >/dev/null
+# VMs boot booted's own initrd (initrd.py); the image's own stays small, for booting its disk by hand
 sed -i 's/^MODULES=.*/MODULES=list/' /etc/initramfs-tools/initramfs.conf
 printf 'virtio_pci\nvirtio_blk\next4\n' >> /etc/initramfs-tools/modules
 update-initramfs -u -k all >/dev/null
 rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 printf '/dev/vda / ext4 defaults 0 1\n' > /etc/fstab
 systemctl enable systemd-networkd.service systemd-networkd-wait-online.service booted-seed.service \
-    booted-callhome.service >/dev/null 2>&1
-# Under TCG every unit costs seconds: mask what a small server VM does not use.
+    booted-callhome.service acpid.service >/dev/null 2>&1
+# Under TCG every process started at boot costs (3 VMs booting at once share 2 cores): mask what a
+# small server VM does not use. The root is mounted read-write by booted's initrd (no remount);
+# no logins on consoles (booted logs in with keys over SSH); the power button (image-stop's clean
+# shutdown) is acpid's, so logind and D-Bus, the costliest to start, are not needed.
 systemctl mask systemd-resolved.service e2scrub_reap.service e2scrub_all.timer apt-daily.timer \
-    apt-daily-upgrade.timer man-db.timer fstrim.timer systemd-binfmt.service sys-kernel-debug.mount \
-    sys-kernel-tracing.mount dev-hugepages.mount getty@tty1.service >/dev/null 2>&1 || true
+    apt-daily-upgrade.timer man-db.timer fstrim.timer dpkg-db-backup.timer systemd-binfmt.service \
+    sys-kernel-debug.mount sys-kernel-tracing.mount dev-hugepages.mount dev-mqueue.mount sys-kernel-config.mount \
+    sys-fs-fuse-connections.mount getty@tty1.service systemd-logind.service dbus.service dbus.socket \
+    modprobe@drm.service modprobe@efi_pstore.service modprobe@loop.service modprobe@fuse.service \
+    modprobe@configfs.service modprobe@dm_mod.service kmod-static-nodes.service systemd-modules-load.service \
+    systemd-network-generator.service systemd-pstore.service systemd-update-utmp.service \
+    systemd-update-utmp-runlevel.service systemd-journal-flush.service systemd-sysusers.service \
+    systemd-remount-fs.service >/dev/null 2>&1 || true
+# generators run at every boot, one process each; only the fstab one has work here (systemd.generator(7):
+# a link to /dev/null in /etc masks one)
+mkdir -p /etc/systemd/system-generators
+for g in cryptsetup debug getty gpt-auto hibernate-resume integritysetup rc-local run system-update sysv veritysetup; do
+    ln -sf /dev/null "/etc/systemd/system-generators/systemd-$g-generator"
+done
 : > /etc/machine-id
 """
 
 # Applies the seed disk (see the module docstring). Installed in the base image.
 SEED_SCRIPT = r"""#!/bin/sh
 # booted: apply this VM's identity from its seed disk (made by booted for this VM).
+# Shell builtins where they do: under TCG every process started at boot costs a tenth of a second.
 set -eu
-dev=/dev/disk/by-label/booted-seed
+# by label, read from the disks themselves: udev's /dev/disk/by-label links come seconds later
 i=0
-while [ ! -e "$dev" ] && [ "$i" -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
-[ -e "$dev" ] || { echo "booted-seed: no seed disk" >&2; exit 1; }
-mnt=/run/booted-seed
-mkdir -p "$mnt"
+until dev=$(findfs LABEL=booted-seed 2>/dev/null); do
+    [ "$i" -lt 150 ] || { echo "booted-seed: no seed disk (no file system labelled booted-seed)" >&2; exit 1; }
+    sleep 0.1; i=$((i + 1))
+done
+mnt=/run/booted-seed  # the unit's RuntimeDirectory
 mount -o ro "$dev" "$mnt"
-new=$(cat "$mnt/identity")
-if [ "$(cat /etc/booted/seed-identity 2>/dev/null || true)" != "$new" ]; then
-    rm -f /etc/ssh/ssh_host_* /etc/booted/callhome.conf /etc/systemd/network/10-booted.network
+read -r new < "$mnt/identity"
+old=""
+if [ -r /etc/booted/seed-identity ]; then read -r old < /etc/booted/seed-identity || true; fi
+if [ "$old" != "$new" ]; then
+    rm -f /etc/ssh/ssh_host_* /etc/booted/callhome.conf /etc/systemd/network/10-booted.network /etc/machine-id
     cp -a "$mnt/files/." /
-    /bin/sh /usr/local/lib/booted/provision "$(cat "$mnt/user")" "$(cat "$mnt/pubkey")" "$(cat "$mnt/hostname")"
-    hostname "$(cat "$mnt/hostname")"
-    rm -f /etc/machine-id && systemd-machine-id-setup >/dev/null 2>&1 || true
-    mkdir -p /etc/booted
+    read -r user < "$mnt/user"
+    read -r pubkey < "$mnt/pubkey"
+    read -r hostname < "$mnt/hostname"
+    /bin/sh /usr/local/lib/booted/provision "$user" "$pubkey" "$hostname"
+    echo "$hostname" > /proc/sys/kernel/hostname
+    systemd-machine-id-setup >/dev/null 2>&1 || true
+    [ -d /etc/booted ] || mkdir -p /etc/booted
     printf '%s\n' "$new" > /etc/booted/seed-identity
 fi
 umount "$mnt"
@@ -91,16 +115,24 @@ MODPROBE_BLACKLIST = "".join(
               "serio_raw", "i2c_piix4", "ata_piix", "ata_generic", "efi_pstore", "binfmt_misc", "virtio_balloon")
 )
 
+# image-stop's clean shutdown presses the ACPI power button (acpid(8): event regex, action).
+ACPI_POWER_BUTTON = "event=button[ /]power\naction=/bin/systemctl poweroff\n"
+
+# Debian's ssh.service checks the configuration (sshd -t) in a process of its own before sshd reads
+# it again: one process less at every boot; a bad configuration still fails sshd's start.
+SSH_UNIT_DROPIN = "[Service]\nExecStartPre=\n"
+
 SEED_UNIT = """[Unit]
 Description=booted: apply this VM's identity from its seed disk
 DefaultDependencies=no
-After=local-fs.target systemd-udev-trigger.service
+After=local-fs.target
 Wants=network-pre.target
 Before=network-pre.target systemd-networkd.service ssh.service booted-callhome.service sysinit.target
 
 [Service]
 Type=oneshot
 RemainAfterExit=yes
+RuntimeDirectory=booted-seed
 ExecStart=/usr/local/sbin/booted-seed
 
 [Install]
@@ -138,7 +170,8 @@ def base_digest(rootfs_marker: str, disk_mb: int) -> str:
     """Names the base image: changes when the local base, this recipe or the disk size change."""
     text = json.dumps({"rootfs": rootfs_marker, "recipe": RECIPE_VERSION, "customize": VM_CUSTOMIZE,
                        "seed": SEED_SCRIPT + SEED_UNIT + VM_PROVISION, "disk_mb": disk_mb,
-                       "vm": SSHD_OWN_KEY_DROPIN + SSHD_OWN_KEY_CONFIG + MODPROBE_BLACKLIST,
+                       "vm": SSHD_OWN_KEY_DROPIN + SSHD_OWN_KEY_CONFIG + MODPROBE_BLACKLIST + ACPI_POWER_BUTTON + SSH_UNIT_DROPIN,
+                       "initrd": initrd.INIT + ",".join(initrd.ROOT_MODULES),
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -187,11 +220,10 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
                          "--timezone=off", "-D", str(root), "--", "/bin/sh", "-c", VM_CUSTOMIZE],
                         work / "customize.log", timeout=900, what="VM image customisation (apt, kernel, initrd)")
             kernels = sorted((root / "boot").glob("vmlinuz-*"))
-            initrds = sorted((root / "boot").glob("initrd.img-*"))
-            if not kernels or not initrds:
-                raise ProviderError(f"the VM image has no kernel or initrd in /boot (log: {work / 'customize.log'})")
+            if not kernels:
+                raise ProviderError(f"the VM image has no kernel in /boot (log: {work / 'customize.log'})")
             shutil.copyfile(kernels[-1], work / "vmlinuz")
-            shutil.copyfile(initrds[-1], work / "initrd")
+            (work / "initrd").write_bytes(_own_initrd(root, kernels[-1].name.removeprefix("vmlinuz-")))
             raw = work / "disk.raw"
             localcmd.run_logged(["mkfs.ext4", "-q", "-F", "-L", "booted-root", "-d", str(root), str(raw), f"{disk_mb}M"],
                         work / "mkfs.log", timeout=900, what="mkfs.ext4 of the VM image")
@@ -213,6 +245,19 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
     return base
 
 
+def _own_initrd(root: Path, kernel_version: str) -> bytes:
+    """booted's initrd (initrd.py) from the image's busybox and kernel modules."""
+    moddir = root / "lib" / "modules" / kernel_version
+    try:
+        order = initrd.load_order((moddir / "modules.dep").read_text(), initrd.ROOT_MODULES)
+        busybox = (root / "bin" / "busybox").read_bytes()
+    except (OSError, ValueError) as err:
+        raise ProviderError(f"cannot make the VM initrd from the image: {err}") from err
+    if any(not path.endswith(".ko") for path in order):
+        raise ProviderError(f"the VM initrd takes uncompressed kernel modules only; the image has {', '.join(order)}")
+    return initrd.build(busybox, [(initrd.module_name(path), (moddir / path).read_bytes()) for path in order])
+
+
 def _install_files(root: Path, provision_script: str) -> None:
     """booted's files inside the base image: call home, the seed service, the provisioning script."""
     files = dict(callhome.firstboot_files())
@@ -222,6 +267,8 @@ def _install_files(root: Path, provision_script: str) -> None:
     # the VM's host key comes from its seed (see Seed): sshd makes none at boot
     files.update(own_host_key_config("booted-vm.conf"))
     files["/etc/modprobe.d/booted-vm.conf"] = (MODPROBE_BLACKLIST, 0o644)
+    files["/etc/acpi/events/booted-power-button"] = (ACPI_POWER_BUTTON, 0o644)
+    files["/etc/systemd/system/ssh.service.d/booted-vm.conf"] = (SSH_UNIT_DROPIN, 0o644)
     write_tree(root, files)
 
 

@@ -1,0 +1,114 @@
+"""booted's own initrd for its VMs: busybox, the modules that reach the root disk, a 20-line init.
+
+Debian's initramfs-tools initrd starts udev, triggers every device and waits for it to settle
+before it mounts the root file system: under QEMU's TCG (no hardware virtualization here) that
+took 3.5-4 s of each VM's boot. This one loads virtio and ext4 in dependency order, mounts the
+root disk named by ``root=`` on the kernel command line, and hands over to systemd: 0.3-0.6 s.
+udev runs once, in the booted system.
+
+The archive is the kernel's initramfs format, cpio "newc" (kernel docs:
+filesystems/ramfs-rootfs-initramfs, early-userspace/buffer-format), gzip-compressed. Pure: the
+caller reads the files.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import stat
+from collections.abc import Iterable
+
+# What the init needs to reach an ext4 root on a virtio disk; the rest loads later, from the root.
+ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+
+# Fixed text, no data interpolated. A missing or unmountable root is said on the console (the VM's
+# console log, which booted shows when a VM does not come up) and the VM powers off: no shell.
+INIT = r"""#!/bin/busybox sh
+bb=/bin/busybox
+$bb mount -t devtmpfs devtmpfs /dev
+$bb mount -t proc proc /proc
+# one that does not load shows as the root disk missing or not mounting, said below
+while read -r m; do $bb insmod "/lib/modules/$m.ko" 2>/dev/null; done < /etc/modules-order
+root=/dev/vda
+for arg in $($bb cat /proc/cmdline); do
+    case "$arg" in root=/dev/*) root="${arg#root=}" ;; esac
+done
+i=0
+while [ ! -b "$root" ] && [ "$i" -lt 300 ]; do $bb usleep 100000; i=$((i + 1)); done
+if ! $bb mount -t ext4 -o rw "$root" /root; then
+    echo "booted initrd: cannot mount the root file system $root (ext4)" > /dev/console
+    $bb sleep 2
+    $bb poweroff -f
+fi
+$bb umount /proc
+$bb mount --move /dev /root/dev
+exec $bb switch_root /root /sbin/init
+"""
+
+
+def load_order(modules_dep: str, wanted: Iterable[str]) -> list[str]:
+    """Module paths (as modules.dep names them) to insmod, dependencies first, each once.
+
+    ``modules_dep`` is the kernel's ``modules.dep`` (``path: dep dep ...``, the ones to load first
+    last); ``wanted`` are module names (``-`` and ``_`` alike). A name modules.dep does not list is
+    built into the kernel or missing: ValueError names it."""
+    deps: dict[str, list[str]] = {}
+    for line in modules_dep.splitlines():
+        path, sep, rest = line.partition(":")
+        if sep:
+            deps[path.strip()] = rest.split()
+    by_name = {module_name(p): p for p in deps}
+    order: list[str] = []
+
+    def add(path: str, seen: tuple[str, ...]) -> None:
+        if path in order or path in seen:
+            return
+        for dep in reversed(deps.get(path, [])):
+            add(dep, (*seen, path))
+        order.append(path)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise ValueError(f"kernel module {name} is not in modules.dep (built in, or not installed)")
+        add(by_name[key], ())
+    return order
+
+
+def module_name(path: str) -> str:
+    """``kernel/arch/x86/crypto/crc32c-intel.ko`` -> ``crc32c_intel``."""
+    return path.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
+
+
+def cpio_newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
+    """A cpio "newc" archive of (path, mode, contents); character devices are /dev/console (5, 1)."""
+    out = io.BytesIO()
+
+    def pad(n: int) -> None:
+        out.write(b"\0" * ((4 - n % 4) % 4))
+
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
+        encoded = name.encode() + b"\0"
+        rdev = (5, 1) if stat.S_ISCHR(mode) else (0, 0)
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(encoded), 0]
+        header = b"070701" + b"".join(f"{f:08x}".encode() for f in fields)
+        out.write(header + encoded)
+        pad(len(header) + len(encoded))
+        out.write(data)
+        pad(len(data))
+    return out.getvalue()
+
+
+# /dev/console must exist before devtmpfs is mounted: the kernel opens it for init's stdio
+BASE_ENTRIES = [(d, stat.S_IFDIR | 0o755, b"") for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys",
+                                                         "root", "run", "tmp", "mnt")]
+CONSOLE = ("dev/console", stat.S_IFCHR | 0o600, b"")
+
+
+def build(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
+    """The VM initrd: ``modules`` are (name, .ko contents) in load order (uncompressed modules)."""
+    f = stat.S_IFREG
+    entries = [*BASE_ENTRIES, ("init", f | 0o755, INIT.encode()), ("bin/busybox", f | 0o755, busybox),
+               ("etc/modules-order", f | 0o644, "".join(f"{name}\n" for name, _ in modules).encode())]
+    entries += [(f"lib/modules/{name}.ko", f | 0o644, blob) for name, blob in modules]
+    entries.append(CONSOLE)
+    return gzip.compress(cpio_newc(entries), compresslevel=6)

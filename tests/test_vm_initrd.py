@@ -1,0 +1,112 @@
+"""booted's VM initrd: module load order, the archive as the real cpio reads it, the base image's part.
+
+The VMs that boot it are the libvirt tiers' (tests/test_libvirt_vms.py, tests/test_hypervisors.py).
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fabfile.core.errors import ProviderError
+from fabfile.providers.libvirt import image, initrd
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+needs_busybox = pytest.mark.skipif(not Path(BUSYBOX).exists(), reason="busybox-static is not installed")
+
+MODULES_DEP = """\
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
+kernel/fs/jbd2/jbd2.ko:
+kernel/fs/mbcache.ko:
+kernel/lib/crc16.ko:
+kernel/crypto/crc32c_generic.ko:
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/arch/x86/crypto/crc32c-intel.ko:
+"""
+
+
+@pytest.mark.parametrize("wanted, expected", [
+    (["ext4"], ["kernel/fs/jbd2/jbd2.ko", "kernel/fs/mbcache.ko", "kernel/lib/crc16.ko", "kernel/fs/ext4/ext4.ko"]),
+    (["virtio_blk", "virtio_pci"],  # shared dependencies load once, before the first that needs them
+     ["kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/block/virtio_blk.ko",
+      "kernel/drivers/virtio/virtio_pci_modern_dev.ko", "kernel/drivers/virtio/virtio_pci.ko"]),
+    (["crc32c-intel"], ["kernel/arch/x86/crypto/crc32c-intel.ko"]),  # '-' and '_' name one module
+    (["jbd2", "ext4"], ["kernel/fs/jbd2/jbd2.ko", "kernel/fs/mbcache.ko", "kernel/lib/crc16.ko", "kernel/fs/ext4/ext4.ko"]),
+])
+def test_load_order_puts_dependencies_first_and_each_module_once(wanted, expected):
+    assert initrd.load_order(MODULES_DEP, wanted) == expected
+
+
+def test_a_module_modules_dep_does_not_list_is_named():
+    with pytest.raises(ValueError, match="kernel module virtio_net is not in modules.dep"):
+        initrd.load_order(MODULES_DEP, ["ext4", "virtio_net"])
+
+
+def test_the_init_script_is_valid_busybox_shell():
+    if not Path(BUSYBOX).exists():
+        pytest.skip("busybox-static is not installed")
+    checked = subprocess.run([BUSYBOX, "sh", "-n", "-c", initrd.INIT], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+@needs_busybox
+def test_busybox_cpio_reads_the_archive_as_built(tmp_path):
+    archive = initrd.build(b"#!fake busybox\n", [("virtio", b"\x7fELF one"), ("ext4", b"\x7fELF two" * 1001)])
+    raw = gzip.decompress(archive)
+    listing = subprocess.run([BUSYBOX, "cpio", "-t"], input=raw, capture_output=True, timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    names = listing.stdout.decode().split()
+    assert {"init", "bin/busybox", "dev/console", "etc/modules-order", "lib/modules/virtio.ko",
+            "lib/modules/ext4.ko", "proc", "root"} <= set(names)
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run([BUSYBOX, "cpio", "-i", "-d"], input=raw, cwd=out, capture_output=True, timeout=30, check=True)
+    assert (out / "init").read_text() == initrd.INIT and (out / "init").stat().st_mode & 0o111
+    assert (out / "etc/modules-order").read_text() == "virtio\next4\n"  # the init loads them in this order
+    assert (out / "lib/modules/ext4.ko").read_bytes() == b"\x7fELF two" * 1001
+
+
+def _image_root(tmp_path: Path, dep: str, busybox: bool = True) -> Path:
+    root = tmp_path / "root"
+    moddir = root / "lib/modules/6.1.0-test-amd64"
+    for line in dep.splitlines():
+        path = moddir / line.partition(":")[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x7fELF " + path.name.encode())
+    (moddir / "modules.dep").write_text(dep)
+    if busybox:
+        (root / "bin").mkdir(parents=True)
+        (root / "bin/busybox").write_bytes(b"busybox")
+    return root
+
+
+@needs_busybox
+def test_the_base_image_initrd_carries_the_root_modules_in_order(tmp_path):
+    root = _image_root(tmp_path, MODULES_DEP)
+    raw = gzip.decompress(image._own_initrd(root, "6.1.0-test-amd64"))
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run([BUSYBOX, "cpio", "-i", "-d"], input=raw, cwd=out, capture_output=True, timeout=30, check=True)
+    assert (out / "etc/modules-order").read_text().split() == [
+        "virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk", "crc32c_generic", "jbd2",
+        "mbcache", "crc16", "ext4"]
+    assert (out / "lib/modules/ext4.ko").read_bytes() == b"\x7fELF ext4.ko"
+
+
+@pytest.mark.parametrize("dep, busybox, message", [
+    (MODULES_DEP.replace("ext4.ko:", "ext4.ko.xz:"), True, "uncompressed kernel modules only"),
+    (MODULES_DEP.replace("kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n",
+                         ""), True, "kernel module ext4 is not in modules.dep"),
+    (MODULES_DEP, False, "cannot make the VM initrd from the image: .*busybox"),
+])
+def test_an_image_the_initrd_cannot_be_made_from_is_a_one_line_error(tmp_path, dep, busybox, message):
+    root = _image_root(tmp_path, dep, busybox=busybox)
+    with pytest.raises(ProviderError, match=message):
+        image._own_initrd(root, "6.1.0-test-amd64")
