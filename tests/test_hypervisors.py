@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
 from hypervisor_lab import hypervisor_lab
-from lab import ROOT, Lab, free_port
+from lab import ROOT, FabResult, Lab, free_port
 from loadgen import SteadyLoad
 from wrkload import WrkRun
 
@@ -76,6 +77,29 @@ environments:
 class MultiLab(Lab):
     def provider(self):
         return get_provider("libvirt", load_config(self.config_path))
+
+    def fab(self, *args: str, timeout: float = 600, check: bool = False, **extra_env: str) -> FabResult:
+        result = super().fab(*args, timeout=timeout, **extra_env)
+        if check and not result.ok:
+            # what each hypervisor logged and whether its sshd answers, at the moment of the failure
+            # (the teardown's journals show the end of the tier, after later tests power-cut them)
+            raise AssertionError(f"{result}\n{self.hypervisors_now()}")
+        return result
+
+    def hypervisors_now(self) -> str:
+        parts = []
+        for name, hv in self.hvlab.hypervisors.items():
+            try:
+                with socket.create_connection((hv.address, 22), timeout=5) as conn:
+                    conn.settimeout(5)
+                    banner = conn.recv(64).decode(errors="replace").strip() or "(connected, no banner)"
+            except OSError as err:
+                banner = f"no SSH answer: {err}"
+            neigh = subprocess.run(["ip", "neigh", "show", hv.address], capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+            parts.append(f"{name} {hv.address}: {banner}; neighbour: {neigh or '(none)'}\n"
+                         f"{self.hvlab.journal_tail(name, 40)}")
+        return "\n".join(parts)
 
     def machine(self, image: str):
         with self.activated():
