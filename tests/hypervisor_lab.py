@@ -43,6 +43,13 @@ apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 # The container sees this machine's cgroup v1 hierarchies read-only: VMs run without per-VM cgroups.
 printf '\n# booted hypervisor lab\ncgroup_controllers = [ ]\n' >> /etc/libvirt/qemu.conf
+# root's user manager (pam_systemd starts it at each SSH login, libvirt's qemu+ssh logs in per
+# connection) lingers from boot: stopping it between logins sometimes hung in this container
+# ("Failed to kill control group ... Input/output error"), and the next login waited for that stop
+# job, past booted's 45 s connect timeout (seen in CI: "no answer within 45s" right after
+# env-start-all, the hypervisor back two minutes later)
+mkdir -p /var/lib/systemd/linger
+: > /var/lib/systemd/linger/root
 """
 
 # Besides booted's usual nspawn flags: libvirt makes tap devices (the tun device and CAP_NET_ADMIN,
