@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,7 +163,7 @@ def ssh_banner(port: int) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,3")
-    parser.add_argument("--keep-lab", action="store_true")
+    parser.add_argument("--keep-lab", action="store_true", help="leave the lab's folder (VMs are removed)")
     args = parser.parse_args()
     reason = cannot_run_vms()
     if reason:
@@ -180,6 +181,7 @@ def main() -> int:
         lab.started_daemons = start_daemons()
         with lab.activated():
             lab.provider().base_image()  # cached base image: built outside the timings
+            domain_type = "TCG" if lab.provider().settings["domain_type"] != "kvm" else "KVM"
         for n in sizes:
             work = root / f"floor{n}"
             work.mkdir()
@@ -188,10 +190,9 @@ def main() -> int:
             rows.append((n, mine, floor))
             print(f"N={n}: booted {mine['wall_s']:.0f}s, floor {floor['wall_s']:.0f}s", file=sys.stderr, flush=True)
     finally:
+        lab.teardown()  # every VM, volume, bridge and daemon it made
         if not args.keep_lab:
-            lab.teardown()
-    with lab.activated():
-        domain_type = "TCG" if lab.provider().settings["domain_type"] != "kvm" else "KVM"
+            shutil.rmtree(root, ignore_errors=True)
     print(f"\nlibvirt provider, {domain_type}, VMs from a cached base image (2-core machine, shared)")
     print(f"{'VMs':>3}  {'booted env-start-all -> LB serves':>34}  {'floor: qemu by hand -> SSH':>27}  "
           f"{'ratio':>5}  {'RSS/VM booted':>13}  {'RSS/VM floor':>12}")
