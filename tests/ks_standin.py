@@ -25,7 +25,6 @@ SELinux labels, a boot loader on the disk (so the disk boot step boots a system)
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import shutil
 import stat
@@ -129,22 +128,15 @@ def kernel_modules(base_disk: Path, work: Path) -> tuple[list[str], dict[str, by
 
 
 def make_initrd(modules: tuple[list[str], dict[str, bytes]]) -> bytes:
+    """booted's busybox initrd (initrd.build) with the stand-in installer as its init."""
     order, blobs = modules
     d, f = stat.S_IFDIR | 0o755, stat.S_IFREG
-    entries = [(name, d, b"") for name in ("bin", "dev", "etc", "etc/standin", "etc/standin/stubs", "lib",
-                                           "lib/modules", "proc", "sys", "tmp", "run", "mnt")]
-    entries += [
-        ("init", f | 0o755, (HERE / "installer-init").read_bytes()),
-        ("bin/busybox", f | 0o755, BUSYBOX.read_bytes()),
-        ("etc/standin/kscheck.awk", f | 0o644, (HERE / "kscheck.awk").read_bytes()),
-        ("etc/standin/ks-rules", f | 0o644, kickstart_rules().encode()),
-        ("etc/standin/modules", f | 0o644, ("\n".join(order) + "\n").encode()),
-    ]
-    entries += [(f"etc/standin/stubs/{name}", f | 0o755, text.encode()) for name, text in STUBS.items()]
-    entries += [(f"lib/modules/{name}.ko", f | 0o644, blobs[name]) for name in order]
-    # /dev/console must exist before devtmpfs is mounted: the kernel opens it for init's stdio (5, 1)
-    entries.append(("dev/console", stat.S_IFCHR | 0o600, b""))
-    return gzip.compress(initrd.cpio_newc(entries), compresslevel=6)
+    extra = [("etc/standin", d, b""), ("etc/standin/stubs", d, b""),
+             ("etc/standin/kscheck.awk", f | 0o644, (HERE / "kscheck.awk").read_bytes()),
+             ("etc/standin/ks-rules", f | 0o644, kickstart_rules().encode())]
+    extra += [(f"etc/standin/stubs/{name}", f | 0o755, text.encode()) for name, text in STUBS.items()]
+    return initrd.build(BUSYBOX.read_bytes(), [(name, blobs[name]) for name in order],
+                        init=(HERE / "installer-init").read_text(), extra=extra)
 
 
 def treeinfo(files: dict[str, bytes]) -> str:

@@ -49,9 +49,8 @@ def test_a_module_modules_dep_does_not_list_is_named():
         initrd.load_order(MODULES_DEP, ["ext4", "virtio_net"])
 
 
+@needs_busybox
 def test_the_init_script_is_valid_busybox_shell():
-    if not Path(BUSYBOX).exists():
-        pytest.skip("busybox-static is not installed")
     checked = subprocess.run([BUSYBOX, "sh", "-n", "-c", initrd.INIT], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
 

@@ -104,11 +104,14 @@ BASE_ENTRIES = [(d, stat.S_IFDIR | 0o755, b"") for d in ("bin", "dev", "etc", "l
 CONSOLE = ("dev/console", stat.S_IFCHR | 0o600, b"")
 
 
-def build(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
-    """The VM initrd: ``modules`` are (name, .ko contents) in load order (uncompressed modules)."""
+def build(busybox: bytes, modules: list[tuple[str, bytes]], init: str = INIT,
+          extra: Iterable[tuple[str, int, bytes]] = ()) -> bytes:
+    """A busybox initrd: ``modules`` are (name, .ko contents) in load order (uncompressed), listed
+    in /etc/modules-order for ``init``; ``extra`` entries are added as given (the kickstart tests'
+    stand-in installer is such an initrd with its own init and files)."""
     f = stat.S_IFREG
-    entries = [*BASE_ENTRIES, ("init", f | 0o755, INIT.encode()), ("bin/busybox", f | 0o755, busybox),
-               ("etc/modules-order", f | 0o644, "".join(f"{name}\n" for name, _ in modules).encode())]
+    entries = [*BASE_ENTRIES, ("init", f | 0o755, init.encode()), ("bin/busybox", f | 0o755, busybox),
+               ("etc/modules-order", f | 0o644, "".join(f"{name}\n" for name, _ in modules).encode()), *extra]
     entries += [(f"lib/modules/{name}.ko", f | 0o644, blob) for name, blob in modules]
     entries.append(CONSOLE)
     return gzip.compress(cpio_newc(entries), compresslevel=6)
