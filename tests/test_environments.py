@@ -117,3 +117,31 @@ def test_one_image_as_load_balancer_and_worker(lab):
             assert resp.read().decode().strip() == "Hello Ada World!"
     finally:
         lab.fab("env-stop", "--env", "solo", timeout=300)
+
+
+def test_env_start_all_of_a_version_failing_its_tests_uploads_nothing(lab, tmp_path):
+    """The release is packed and tested while the hosts boot: a failing test gate still stops the
+    bring-up before anything reaches a worker, with the gate's one-line reason."""
+    import subprocess
+
+    from fabfile.services import repo
+
+    with lab.activated():
+        bare = repo.ensure_local_repo("hello")
+    work = tmp_path / "work"
+    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True)
+    app = work / "app.py"
+    app.write_text(app.read_text().replace("Hello World!", "Goodbye World!"))
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "commit", "-qam", "break greeting"], check=True)
+    subprocess.run([*git, "tag", "-f", "v2"], check=True, capture_output=True)  # solo's version
+    try:
+        result = lab.fab("env-start-all", "--env", "solo", timeout=900, HELLO_REPO=str(work))
+        assert result.returncode != 0
+        assert "hello v2 failed its tests; nothing was uploaded" in result.output
+        assert "Traceback" not in result.output
+        broken = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        shipped = lab.ssh("solo-box", "sh", "-c", "cat /opt/booted/hello/releases/*/.booted-commit 2>/dev/null; true")
+        assert shipped.returncode == 0 and broken not in shipped.stdout, shipped
+    finally:
+        lab.fab("env-stop", "--env", "solo", timeout=300)

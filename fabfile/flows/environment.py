@@ -386,12 +386,15 @@ def balance(cfg: Config, env: Environment) -> list[str]:
 
 # ---------------------------------------------------------------------------- whole flows
 def deploy_once_called_home(cfg: Config, env: Environment, svc: services.Service, image: str,
-                            started_at: float) -> list[HostResult] | None:
+                            started_at: float, prepared: Future | None = None) -> list[HostResult] | None:
     """Deploy a worker this run just booted as soon as it called home, while other hosts still boot.
 
-    None leaves it to the deploy after every host is up: it did not call home in time, it is a clone
-    still to be renamed (its SSH host keys are about to change), or a load balancer now serves users
-    (then workers change one at a time behind it)."""
+    ``prepared``: the release being packed and tested meanwhile (``release.prepare``). None leaves it
+    to the deploy after every host is up: the release failed its tests (reported there), the worker
+    did not call home in time, it is a clone still to be renamed (its SSH host keys are about to
+    change), or a load balancer now serves users (then workers change one at a time behind it)."""
+    if prepared is not None and prepared.exception() is not None:
+        return None
     if not poll(lambda: not _not_called_home(cfg, env, {image: started_at}), timeout=boot_timeout(cfg, env),
                 interval=CALLHOME_POLL_S):
         return None
@@ -408,18 +411,27 @@ def bring_up(cfg: Config, env: Environment, images: list[str]) -> EnvReport:
     ensure_nginx(cfg)
     svc = service_of(env)
     say(f"== starting {len(images)} images of {env.name} ({env.provider})")
-    with ThreadPoolExecutor(max_workers=len(images) + 1) as pool:
+    with ThreadPoolExecutor(max_workers=len(images) + 2) as pool:
         # A worker deploys the moment it is up and called home, not once the slowest host is.
         early: dict[str, Future] = {}
+        # The release is packed and tested while the first booted worker boots (seconds of a test
+        # gate that used to start only once it called home); nothing is packed when none boots.
+        prepared: list[Future] = []
+        first = threading.Lock()
 
         def deploy_early(image: str, started_at: float) -> None:
             if image in env.workers:
-                early[image] = pool.submit(deploy_once_called_home, cfg, env, svc, image, started_at)
+                with first:
+                    if not prepared:
+                        prepared.append(pool.submit(release.prepare, svc, env.version))
+                early[image] = pool.submit(deploy_once_called_home, cfg, env, svc, image, started_at, prepared[0])
 
         started = start_images(cfg, env, images, on_up=deploy_early)
         say("== waiting for hosts to call home")
         wait_called_home(cfg, env, started)
         probe(cfg, env, images)
+        if prepared:
+            prepared[0].result()  # a release that failed its tests stops here, before any upload
         live = has_live_loadbalancer(cfg, env)
         say(f"== deploying {svc.name} {env.version}")
         # Nobody is served through a load balancer that is not up yet: its config goes out while the

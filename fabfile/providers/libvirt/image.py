@@ -35,7 +35,7 @@ from fabfile.providers.libvirt import initrd
 from fabfile.providers.rootfs import SSHD_OWN_KEY_CONFIG, SSHD_OWN_KEY_DROPIN, HostKey, own_host_key_config
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 SEED_LABEL = "booted-seed"
 SEED_SIZE = 4 * 1024 * 1024
 
@@ -122,6 +122,15 @@ ACPI_POWER_BUTTON = "event=button[ /]power\naction=/bin/systemctl poweroff\n"
 # it again: one process less at every boot; a bad configuration still fails sshd's start.
 SSH_UNIT_DROPIN = "[Service]\nExecStartPre=\n"
 
+# udev's coldplug at boot replays every device's "add" (hundreds: ACPI, PCI, CPUs, memory blocks,
+# 90 ttys), each through udev's rules: seconds of a TCG VM's one CPU while its services start.
+# booted's VMs need only disks (systemd's device units) and the NIC (networkd waits for udev to
+# have named it); the modules coldplug loaded for other devices are in booted's initrd
+# (initrd.DEVICE_MODULES). Debian's unit runs `udevadm trigger --type=all --action=add`.
+UDEV_TRIGGER_DROPIN = ("[Service]\nExecStart=\n"
+                       "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=block "
+                       "--subsystem-match=net\n")
+
 SEED_UNIT = """[Unit]
 Description=booted: apply this VM's identity from its seed disk
 DefaultDependencies=no
@@ -170,8 +179,9 @@ def base_digest(rootfs_marker: str, disk_mb: int) -> str:
     """Names the base image: changes when the local base, this recipe or the disk size change."""
     text = json.dumps({"rootfs": rootfs_marker, "recipe": RECIPE_VERSION, "customize": VM_CUSTOMIZE,
                        "seed": SEED_SCRIPT + SEED_UNIT + VM_PROVISION, "disk_mb": disk_mb,
-                       "vm": SSHD_OWN_KEY_DROPIN + SSHD_OWN_KEY_CONFIG + MODPROBE_BLACKLIST + ACPI_POWER_BUTTON + SSH_UNIT_DROPIN,
-                       "initrd": initrd.INIT + ",".join(initrd.ROOT_MODULES),
+                       "vm": SSHD_OWN_KEY_DROPIN + SSHD_OWN_KEY_CONFIG + MODPROBE_BLACKLIST + ACPI_POWER_BUTTON + SSH_UNIT_DROPIN
+                       + UDEV_TRIGGER_DROPIN,
+                       "initrd": initrd.INIT + ",".join(initrd.ROOT_MODULES + initrd.DEVICE_MODULES),
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -249,7 +259,7 @@ def _own_initrd(root: Path, kernel_version: str) -> bytes:
     """booted's initrd (initrd.py) from the image's busybox and kernel modules."""
     moddir = root / "lib" / "modules" / kernel_version
     try:
-        order = initrd.load_order((moddir / "modules.dep").read_text(), initrd.ROOT_MODULES)
+        order = initrd.load_order((moddir / "modules.dep").read_text(), initrd.ROOT_MODULES + initrd.DEVICE_MODULES)
         busybox = (root / "bin" / "busybox").read_bytes()
     except (OSError, ValueError) as err:
         raise ProviderError(f"cannot make the VM initrd from the image: {err}") from err
@@ -269,6 +279,7 @@ def _install_files(root: Path, provision_script: str) -> None:
     files["/etc/modprobe.d/booted-vm.conf"] = (MODPROBE_BLACKLIST, 0o644)
     files["/etc/acpi/events/booted-power-button"] = (ACPI_POWER_BUTTON, 0o644)
     files["/etc/systemd/system/ssh.service.d/booted-vm.conf"] = (SSH_UNIT_DROPIN, 0o644)
+    files["/etc/systemd/system/systemd-udev-trigger.service.d/booted-vm.conf"] = (UDEV_TRIGGER_DROPIN, 0o644)
     write_tree(root, files)
 
 
