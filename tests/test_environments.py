@@ -3,6 +3,7 @@ a worker's death is invisible to users, and a rolling deploy drops no request.""
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 
@@ -102,6 +103,18 @@ def test_env_start_worker_and_env_stop(drill):
     assert listed == []
     out = drill.fab("image-list", "--provider", "local", check=True).stdout
     assert all("poweroff" in line for line in out.splitlines() if line.startswith("drill-"))
+
+
+def test_a_stopped_environment_comes_back_without_redeploying(drill):
+    """After env-stop, its workers start the version they had by themselves: env-start-all waits
+    for them instead of shipping it again (behind a load balancer that was one worker at a time)."""
+    result = drill.fab("env-start-all", "--env", "drill", timeout=900)
+    assert result.ok, result
+    assert result.stdout.count("already serving v1") == 3, result.stdout
+    assert "drained" not in result.stdout
+    assert not re.search(r"v1 \([0-9a-f]{8}\)", result.stdout), result.stdout  # a deploy's line: version (commit)
+    with urllib.request.urlopen(lb_url(drill) + "version", timeout=5) as resp:
+        assert resp.read().decode().strip() == "v1"
 
 
 def test_one_image_as_load_balancer_and_worker(lab):

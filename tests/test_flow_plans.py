@@ -61,6 +61,18 @@ def test_converge(serving, live, stale, mode):
     assert plans.converge_mode(got, live) == mode
 
 
+@pytest.mark.parametrize("current, recorded, just_booted, wait", [
+    (None, "v2", True, True),      # restarted with v2 on disk: its service is still starting
+    ("v1", "v2", True, True),      # an older copy answers first (e.g. a clone's): still worth the wait
+    ("v2", "v2", True, False),     # already serving
+    (None, "v2", False, False),    # running all along and not serving: deploy now
+    (None, None, True, False),     # first boot: nothing to come back
+    (None, "v1", True, False),     # had another version: deploy now
+])
+def test_may_come_back(current, recorded, just_booted, wait):
+    assert plans.may_come_back(current, recorded, "v2", just_booted) is wait
+
+
 class FakeSteps:
     """Records what a rolling change did; ``fail`` names (step, image) that raise."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,15 +209,17 @@ def service_of(env: Environment) -> services.Service:
 
 
 def converge_service(cfg: Config, env: Environment, images: list[str], version: str | None = None,
-                     loadbalancer_live: bool | None = None) -> list[HostResult]:
+                     loadbalancer_live: bool | None = None, booted: Collection[str] = ()) -> list[HostResult]:
     """Deploy the environment's version to the workers among ``images`` that don't serve it yet.
 
     ``loadbalancer_live``: whether users are served through a load balancer, if the caller already
-    asked (None: ask now)."""
+    asked (None: ask now). ``booted``: images the caller just booted (see ``serving_after_boot``)."""
     svc = service_of(env)
     version = version or env.version
     workers = [e for e in Inventory().hosts(env=env.name, role="workers") if e.image in images]
-    serving = {e.image: serving_version(e.address, svc.port) for e in workers}
+    with ThreadPoolExecutor(max_workers=max(1, min(len(workers), 32))) as pool:
+        answers = pool.map(lambda e: serving_after_boot(e.address, svc, version, e.image in booted), workers)
+        serving = dict(zip([e.image for e in workers], answers))
     stale = plans.stale_workers(serving, version)
     for image in serving:
         if image not in stale:
@@ -240,6 +242,27 @@ def serving_version(address: str, port: int) -> str | None:
     except OSError:
         return None
     return body.strip() if status == 200 else None
+
+
+# How long a worker this run booted gets to start, by itself, the version booted last deployed there
+# before it is redeployed: its service starts seconds after the call home (python under TCG), and a
+# redeploy behind a live load balancer drains it first (about 10 s a worker).
+RESTART_GRACE_S = 20.0
+
+
+def serving_after_boot(address: str, svc: services.Service, version: str, just_booted: bool) -> str | None:
+    """``serving_version``, waiting up to RESTART_GRACE_S for a restarted worker's own service."""
+    current = serving_version(address, svc.port)
+    if not plans.may_come_back(current, release.deployed_version(address, svc.name), version, just_booted):
+        return current
+    seen = [current]
+
+    def serves() -> bool:
+        seen[0] = serving_version(address, svc.port)
+        return seen[0] == version
+
+    poll(serves, timeout=RESTART_GRACE_S, interval=0.25)
+    return seen[0]
 
 
 # How long a drained worker gets to finish the requests it has before it is changed or stopped
@@ -399,10 +422,12 @@ def deploy_once_called_home(cfg: Config, env: Environment, svc: services.Service
                 interval=CALLHOME_POLL_S):
         return None
     entry = next((e for e in Inventory().hosts(env=env.name) if e.image == image), None)
-    if entry is None or not entry.hostname_ok or has_live_loadbalancer(cfg, env):
+    if entry is None or not entry.hostname_ok:
         return None
-    if serving_version(entry.address, svc.port) == env.version:
+    if serving_after_boot(entry.address, svc, env.version, just_booted=True) == env.version:
         return [HostResult(image, True, f"already serving {env.version}")]
+    if has_live_loadbalancer(cfg, env):
+        return None
     return rollout.deploy(cfg, svc, env.version, env.name, images=[image], quiet=True)
 
 
@@ -443,7 +468,8 @@ def bring_up(cfg: Config, env: Environment, images: list[str]) -> EnvReport:
                 say(host_line(result.host, result.ok, result.detail))
                 results.append(result)
         done = {r.host for r in results}
-        results += converge_service(cfg, env, [i for i in images if i not in done], loadbalancer_live=live)
+        results += converge_service(cfg, env, [i for i in images if i not in done], loadbalancer_live=live,
+                                    booted={i for i, at in started.items() if at is not None})
         raise_if_failed(f"{svc.name}-deploy", results)
         say(f"== testing {svc.name}")
         raise_if_failed(f"{svc.name}-test", rollout.test(cfg, svc, env.name))
@@ -470,7 +496,7 @@ def start_worker(cfg: Config, env: Environment, image: str) -> str:
     started = start_images(cfg, env, [image])
     wait_called_home(cfg, env, started)
     probe(cfg, env, [image])
-    raise_if_failed("deploy", converge_service(cfg, env, [image]))
+    raise_if_failed("deploy", converge_service(cfg, env, [image], booted=[image]))
     if loadbalancer.loadbalancers(cfg, env):
         loadbalancer.update(cfg, env, service_of(env).port)
     return f"{image} serving {env.version}"

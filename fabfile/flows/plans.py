@@ -68,6 +68,13 @@ def stale_workers(serving: Mapping[str, str | None], version: str) -> list[str]:
     return [image for image, current in serving.items() if current != version]
 
 
+def may_come_back(current: str | None, recorded: str | None, version: str, just_booted: bool) -> bool:
+    """Whether a worker gets time to start ``version`` by itself before it is redeployed: this run
+    booted it, it does not answer with ``version`` yet, and ``version`` is what booted last deployed
+    there (its unit is enabled: it starts at boot)."""
+    return just_booted and current != version and recorded == version
+
+
 def converge_mode(stale: list[str], loadbalancer_live: bool) -> str:
     if not stale:
         return NOTHING
