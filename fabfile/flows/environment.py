@@ -217,8 +217,10 @@ def converge_service(cfg: Config, env: Environment, images: list[str], version: 
     svc = service_of(env)
     version = version or env.version
     workers = [e for e in Inventory().hosts(env=env.name, role="workers") if e.image in images]
+    recorded = release.deployed_versions(svc.name) if booted else {}
     with ThreadPoolExecutor(max_workers=max(1, min(len(workers), 32))) as pool:
-        answers = pool.map(lambda e: serving_after_boot(e.address, svc, version, e.image in booted), workers)
+        answers = pool.map(lambda e: serving_after_boot(e.address, svc, version, e.image in booted,
+                                                        recorded.get(e.address)), workers)
         serving = dict(zip([e.image for e in workers], answers))
     stale = plans.stale_workers(serving, version)
     for image in serving:
@@ -250,10 +252,12 @@ def serving_version(address: str, port: int) -> str | None:
 RESTART_GRACE_S = 20.0
 
 
-def serving_after_boot(address: str, svc: services.Service, version: str, just_booted: bool) -> str | None:
-    """``serving_version``, waiting up to RESTART_GRACE_S for a restarted worker's own service."""
+def serving_after_boot(address: str, svc: services.Service, version: str, just_booted: bool,
+                       recorded: str | None) -> str | None:
+    """``serving_version``, waiting up to RESTART_GRACE_S for a restarted worker's own service.
+    ``recorded``: the version booted last deployed there (``release.deployed_versions``)."""
     current = serving_version(address, svc.port)
-    if not plans.may_come_back(current, release.deployed_version(address, svc.name), version, just_booted):
+    if not plans.may_come_back(current, recorded, version, just_booted):
         return current
     seen = [current]
 
@@ -424,7 +428,8 @@ def deploy_once_called_home(cfg: Config, env: Environment, svc: services.Service
     entry = next((e for e in Inventory().hosts(env=env.name) if e.image == image), None)
     if entry is None or not entry.hostname_ok:
         return None
-    if serving_after_boot(entry.address, svc, env.version, just_booted=True) == env.version:
+    recorded = release.deployed_version(entry.address, svc.name)
+    if serving_after_boot(entry.address, svc, env.version, True, recorded) == env.version:
         return [HostResult(image, True, f"already serving {env.version}")]
     if has_live_loadbalancer(cfg, env):
         return None

@@ -90,7 +90,9 @@ def control(cfg: Config, svc: services.Service, env_name: str | None, action: st
 
 
 def test(cfg: Config, svc: services.Service, env_name: str | None) -> list[HostResult]:
+    deployed = release.deployed_versions(svc.name)  # one read of the record, not one per worker
+
     def one(t: Target) -> str:
-        return release.check_service(t.entry.address, svc, release.deployed_version(t.entry.address, svc.name))
+        return release.check_service(t.entry.address, svc, deployed.get(t.entry.address))
 
     return fan_out(targets(cfg, svc.name, env_name), one, label=lambda t: t.label, parallel=cfg.deploy["parallel"])

@@ -320,5 +320,10 @@ def _read_deployments() -> dict:
 
 
 def deployed_version(address: str, service: str) -> str | None:
-    entry = _read_deployments().get(address, {}).get(service)
-    return entry["version"] if entry else None
+    return deployed_versions(service).get(address)
+
+
+def deployed_versions(service: str) -> dict[str, str]:
+    """address -> the version of ``service`` booted last deployed there (one read of the record)."""
+    return {address: entries[service]["version"] for address, entries in _read_deployments().items()
+            if service in entries}

@@ -181,7 +181,7 @@ def base_digest(rootfs_marker: str, disk_mb: int) -> str:
                        "seed": SEED_SCRIPT + SEED_UNIT + VM_PROVISION, "disk_mb": disk_mb,
                        "vm": SSHD_OWN_KEY_DROPIN + SSHD_OWN_KEY_CONFIG + MODPROBE_BLACKLIST + ACPI_POWER_BUTTON + SSH_UNIT_DROPIN
                        + UDEV_TRIGGER_DROPIN,
-                       "initrd": initrd.INIT + ",".join(initrd.ROOT_MODULES + initrd.DEVICE_MODULES),
+                       "initrd": initrd.INIT + ",".join(initrd.VM_MODULES),
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -259,7 +259,7 @@ def _own_initrd(root: Path, kernel_version: str) -> bytes:
     """booted's initrd (initrd.py) from the image's busybox and kernel modules."""
     moddir = root / "lib" / "modules" / kernel_version
     try:
-        order = initrd.load_order((moddir / "modules.dep").read_text(), initrd.ROOT_MODULES + initrd.DEVICE_MODULES)
+        order = initrd.load_order((moddir / "modules.dep").read_text(), initrd.VM_MODULES)
         busybox = (root / "bin" / "busybox").read_bytes()
     except (OSError, ValueError) as err:
         raise ProviderError(f"cannot make the VM initrd from the image: {err}") from err

@@ -23,6 +23,8 @@ ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 # (image.UDEV_TRIGGER_DROPIN): the NIC's driver, and the ACPI power button with the event device
 # acpid reads it from (image-stop's clean shutdown).
 DEVICE_MODULES = ("virtio_net", "button", "evdev")
+# All the VM initrd loads, in this order (dependencies resolved by load_order).
+VM_MODULES = ROOT_MODULES + DEVICE_MODULES
 
 # Fixed text, no data interpolated. A missing or unmountable root is said on the console (the VM's
 # console log, which booted shows when a VM does not come up) and the VM powers off: no shell.
