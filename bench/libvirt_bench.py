@@ -106,6 +106,7 @@ def floor_run(lab: VmLab, n: int, work: Path) -> dict:
         prov = lab.provider()
         base = prov.base_image()
         settings = load_config(lab.config_path).provider_settings("libvirt")
+        domain_type = prov.domain_type(prov.hypervisor())
     procs, ports = [], []
     try:
         for i in range(n):
@@ -121,12 +122,13 @@ def floor_run(lab: VmLab, n: int, work: Path) -> dict:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             ports.append(port)
+            boots = base.files_for(domain_type)  # the kernel booted's VMs of this type boot
             argv = [
                 "qemu-system-x86_64", "-name", f"booted-bench-floor{i}", "-machine", "pc",
-                "-accel", f"tcg,tb-size={settings['tcg_cache_mb']}" if prov.domain_type(prov.hypervisor()) == "qemu"
+                "-accel", f"tcg,tb-size={settings['tcg_cache_mb']}" if domain_type == "qemu"
                 else "kvm", "-m", str(settings["memory_mb"]), "-smp", str(settings["cpus"]),
                 "-nodefaults", "-display", "none", "-serial", f"file:{work / f'floor{i}.console'}",
-                "-kernel", str(base.kernel), "-initrd", str(base.initrd),
+                "-kernel", str(boots["kernel"]), "-initrd", str(boots["initrd"]),
                 "-append", "root=/dev/vda rw console=ttyS0 quiet",
                 "-drive", f"file={disk},if=virtio,format=qcow2",
                 "-drive", f"file={seed_img},if=virtio,format=raw,readonly=on",

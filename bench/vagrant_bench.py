@@ -164,7 +164,9 @@ class VagrantPeer:
         # direct kernel boot: QEMU runs as libvirt-qemu and reads kernel and initrd from the pool's folder
         self.pool_dir.mkdir(mode=0o711, exist_ok=True)
         boot = {}
-        for role, src in (("kernel", base.kernel), ("initrd", base.initrd)):
+        # the kernel booted's VMs of this domain type boot (uncompressed under TCG: kernel.py)
+        boots = base.files_for(settings["driver"])
+        for role, src in (("kernel", boots["kernel"]), ("initrd", boots["initrd"])):
             boot[role] = self.pool_dir / src.name
             shutil.copyfile(src, boot[role])
             boot[role].chmod(0o644)

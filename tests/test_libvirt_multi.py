@@ -134,6 +134,16 @@ def test_the_base_goes_once_to_each_hypervisor_and_again_only_if_its_copy_is_inc
     monkeypatch.setattr(LibvirtProvider, "base_image", lambda self: pytest.fail("the base was built again"))
     world.ensure_base_volumes(hv2)
     assert world.uploads == []
+    # a hypervisor now of another domain type boots another kernel (kernel.py): only what it lacks
+    # makes the base incomplete there; the base is uploaded again, the marker stays one
+    fake_base = world.base_names()
+    monkeypatch.setattr(LibvirtProvider, "base_image", lambda self: fake_base)
+    monkeypatch.setattr(LibvirtProvider, "domain_type", lambda self, hv: "qemu")
+    paths = world.ensure_base_volumes(hv2)
+    assert paths["kernel"].endswith("booted-base-0123456789abcdef.vmlinux")
+    assert ("hv2", "booted-base-0123456789abcdef.vmlinux") in world.uploads
+    world.uploads.clear()
+    assert world.ensure_base_volumes(hv2) == paths and world.uploads == []
 
 
 def test_pins_are_honoured(tmp_path, monkeypatch):

@@ -647,6 +647,30 @@ def test_a_clone_must_present_its_sources_key_and_is_repinned_from_what_it_sent(
     ssh.PinOnFirstUse().missing_host_key(None, "192.168.56.13", clone_new_key)  # the re-keyed clone: accepted
 
 
+def test_what_was_deployed_to_a_host_is_not_claimed_for_the_next_host_at_its_address(world):
+    """The deployments record names the host by its pinned keys: after image-del and image-build at
+    the same address (pins forgotten, new keys), booted does not wait for the old version to come
+    back there (it never will) and hello-test expects no version. Restarting the same host keeps it."""
+    import paramiko
+
+    from fabfile.core import ssh
+    from fabfile.services import release
+
+    first, rebuilt = (paramiko.Ed25519Key.from_private_key_file(str(p)) for p in _keys(world[0], 2))
+    release.record("192.168.56.20", "hello", "v0", "c0")  # deployed before any pin: names no host
+    assert release.deployed_versions("hello") == {}
+    ssh.pin("192.168.56.20", f"{first.get_name()} {first.get_base64()}")
+    release.record("192.168.56.20", "hello", "v1", "c1")
+    assert release.deployed_versions("hello") == {"192.168.56.20": "v1"}
+    assert release.deployed_versions("other") == {}
+    ssh.forget("192.168.56.20")  # the image was deleted
+    assert release.deployed_versions("hello") == {}
+    ssh.pin("192.168.56.20", f"{rebuilt.get_name()} {rebuilt.get_base64()}")  # built again, same address
+    assert release.deployed_version("192.168.56.20", "hello") is None
+    release.record("192.168.56.20", "hello", "v2", "c2")
+    assert release.deployed_version("192.168.56.20", "hello") == "v2"
+
+
 def _keys(state: Path, n: int) -> list[Path]:
     paths = []
     for i in range(n):

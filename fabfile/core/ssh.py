@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import io
 import os
 import shlex
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,22 @@ class PinOnFirstUse(_Policy):
 def pinned(address: str) -> bool:
     with locked("known_hosts"):
         return _load_pins(known_hosts_path()).lookup(address) is not None
+
+
+def pin_ids(addresses: Collection[str]) -> dict[str, str]:
+    """address -> an id of the host keys pinned for it (addresses with none are left out), in one
+    read of the pins: which host answers there. Records about a host (what booted deployed to it)
+    carry it, so they do not outlive the host: one deleted and built again at the same address has
+    new keys, and its old pins were forgotten."""
+    with locked("known_hosts"):
+        keys = _load_pins(known_hosts_path())
+    ids = {}
+    for address in addresses:
+        found = keys.lookup(address)
+        if found:
+            ids[address] = ",".join(sorted(f"{name}:{hashlib.sha256(found[name].asbytes()).hexdigest()[:16]}"
+                                           for name in found.keys()))
+    return ids
 
 
 def repin(address: str, public_keys: str) -> int:

@@ -295,13 +295,16 @@ def record(address: str, service: str, version: str, commit: str | None) -> None
 
 
 def record_many(entries: list[tuple[str, str, str, str | None]]) -> None:
-    """Remember what runs where: (address, service, version, commit); one write for a whole deploy."""
+    """Remember what runs where: (address, service, version, commit); one write for a whole deploy.
+    Each entry names the host by its pinned keys (``ssh.pin_ids``): see ``deployed_versions``."""
     if not entries:
         return
+    hosts = ssh.pin_ids({address for address, *_ in entries})
     with locked("deployments"):
         data = _read_deployments()
         for address, service, version, commit in entries:
-            data.setdefault(address, {})[service] = {"version": version, "commit": commit, "at": time.time()}
+            data.setdefault(address, {})[service] = {"version": version, "commit": commit, "at": time.time(),
+                                                     "host": hosts.get(address)}
         atomic_write_json(_deployments_path(), data)
 
 
@@ -324,6 +327,11 @@ def deployed_version(address: str, service: str) -> str | None:
 
 
 def deployed_versions(service: str) -> dict[str, str]:
-    """address -> the version of ``service`` booted last deployed there (one read of the record)."""
-    return {address: entries[service]["version"] for address, entries in _read_deployments().items()
-            if service in entries}
+    """address -> the version of ``service`` booted last deployed there (one read of the record).
+
+    Only where the host booted deployed to still answers: an image deleted and built again at the
+    same address (new host keys) has had nothing deployed yet, whatever its predecessor ran."""
+    data = {address: entries[service] for address, entries in _read_deployments().items() if service in entries}
+    hosts = ssh.pin_ids(data) if data else {}
+    return {address: entry["version"] for address, entry in data.items()
+            if entry.get("host") and entry.get("host") == hosts.get(address)}

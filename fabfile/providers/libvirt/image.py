@@ -4,8 +4,9 @@ Base image: the local provider's cached Debian root file system (debootstrap: sy
 python3, nginx-light, ...) copied, plus a kernel, systemd-networkd, acpid, booted's first-boot
 files (call home) and the seed service below, with what a small server VM does not use at boot
 masked; then ``mkfs.ext4 -d`` into a raw disk and ``qemu-img convert`` to qcow2. Built once per recipe and
-cached next to the local base image, with the kernel and booted's own initrd (initrd.py) that VMs
-boot directly; each VM is a copy-on-write overlay over it.
+cached next to the local base image, with the kernel (as Debian ships it, and uncompressed for VMs
+without hardware virtualisation: kernel.py) and booted's own initrd (initrd.py) that VMs boot
+directly; each VM is a copy-on-write overlay over it.
 
 Seed disk: a small ext4 file system labelled ``booted-seed``, made per VM and attached read-only.
 It carries the VM's identity: hostname, static address (a systemd-networkd file for its MAC),
@@ -31,11 +32,11 @@ from fabfile.core.output import progress
 from fabfile.core.state import locked, write_tree
 from fabfile.hosts import callhome
 from fabfile.hosts.provision import USER_SETUP
-from fabfile.providers.libvirt import initrd
+from fabfile.providers.libvirt import initrd, kernel
 from fabfile.providers.rootfs import SSHD_OWN_KEY_CONFIG, SSHD_OWN_KEY_DROPIN, HostKey, own_host_key_config
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
-RECIPE_VERSION = "4"
+RECIPE_VERSION = "5"
 SEED_LABEL = "booted-seed"
 SEED_SIZE = 4 * 1024 * 1024
 
@@ -155,13 +156,19 @@ class BaseImage:
 
     digest: str
     disk: Path
-    kernel: Path
+    kernel: Path  # as the distribution ships it (compressed): VMs under KVM boot it
     initrd: Path
+    kernel_tcg: Path  # what VMs under TCG boot: uncompressed if it could be (kernel.py), else the same kernel
 
     @property
     def names(self) -> dict[str, Path]:
         """Volume name -> local file, for copying into a hypervisor's storage."""
-        return {self.disk.name: self.disk, self.kernel.name: self.kernel, self.initrd.name: self.initrd}
+        return {f.name: f for f in (self.disk, self.kernel, self.initrd, self.kernel_tcg)}
+
+    def files_for(self, domain_type: str) -> dict[str, Path]:
+        """Role (disk, kernel, initrd) -> the file VMs of this libvirt domain type boot."""
+        booted_kernel = self.kernel_tcg if kernel.boots_uncompressed(domain_type) else self.kernel
+        return {"disk": self.disk, "kernel": booted_kernel, "initrd": self.initrd}
 
 
 # The VM's user and key, applied by booted-seed at first boot with the seed's values as arguments:
@@ -188,7 +195,8 @@ def base_digest(rootfs_marker: str, disk_mb: int) -> str:
 
 def base_files(cache: Path, digest: str) -> BaseImage:
     stem = f"booted-base-{digest}"
-    return BaseImage(digest, cache / f"{stem}.qcow2", cache / f"{stem}.vmlinuz", cache / f"{stem}.initrd")
+    return BaseImage(digest, cache / f"{stem}.qcow2", cache / f"{stem}.vmlinuz", cache / f"{stem}.initrd",
+                     cache / f"{stem}.vmlinux")
 
 
 # A cached base of another recipe that nobody used for this long is deleted by the next build.
@@ -233,6 +241,7 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
             if not kernels:
                 raise ProviderError(f"the VM image has no kernel in /boot (log: {work / 'customize.log'})")
             shutil.copyfile(kernels[-1], work / "vmlinuz")
+            (work / "vmlinux").write_bytes(_tcg_kernel((work / "vmlinuz").read_bytes()))
             (work / "initrd").write_bytes(_own_initrd(root, kernels[-1].name.removeprefix("vmlinuz-")))
             raw = work / "disk.raw"
             localcmd.run_logged(["mkfs.ext4", "-q", "-F", "-L", "booted-root", "-d", str(root), str(raw), f"{disk_mb}M"],
@@ -240,7 +249,7 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
             localcmd.run_logged(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "disk.qcow2")],
                         work / "convert.log", timeout=600, what="qemu-img convert")
             for src, dest in ((work / "disk.qcow2", base.disk), (work / "vmlinuz", base.kernel),
-                              (work / "initrd", base.initrd)):
+                              (work / "initrd", base.initrd), (work / "vmlinux", base.kernel_tcg)):
                 os.chmod(src, 0o644)
                 os.replace(src, dest)
             progress(f"libvirt: VM base image ready in {time.monotonic() - started:.0f}s: {base.disk}")
@@ -253,6 +262,16 @@ def ensure_base(rootfs: Path, rootfs_marker: str, cache: Path, disk_mb: int, pro
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return base
+
+
+def _tcg_kernel(bzimage: bytes) -> bytes:
+    """The kernel VMs boot under TCG: uncompressed (kernel.py), or as shipped if it cannot be."""
+    try:
+        return kernel.uncompressed(bzimage)
+    except ValueError as err:
+        progress(f"libvirt: VMs without hardware virtualisation boot the compressed kernel ({err}): "
+                 "about 3 s more per boot")
+        return bzimage
 
 
 def _own_initrd(root: Path, kernel_version: str) -> bytes:

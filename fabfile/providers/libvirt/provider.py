@@ -284,9 +284,10 @@ class LibvirtProvider(Provider):
     def ensure_base_volumes(self, hv: Hypervisor) -> dict[str, str]:
         """The base image's volumes on ``hv`` (uploaded there unless it has this exact base): role -> path.
 
-        The volumes' names carry the base's digest, and a marker volume ``<base>.complete`` is made
-        only after all three arrived whole: a hypervisor has this base iff it has the marker (an
-        upload cut short leaves no marker, so it is redone)."""
+        Only the files ``hv``'s VMs boot go there (``BaseImage.files_for``: the kernel for its domain
+        type). The volumes' names carry the base's digest, and a marker volume ``<base>.complete`` is
+        made only after they all arrived whole: a hypervisor has this base iff it has the marker and
+        them (an upload cut short leaves no marker, so it is redone)."""
         lv = bindings()
         base = self.base_names()  # a hypervisor holding this base needs no copy of it here
         marker = f"booted-base-{base.digest}.complete"
@@ -294,20 +295,21 @@ class LibvirtProvider(Provider):
         # VMs are built in parallel; one copies the base to each hypervisor (two hypervisors at once)
         with locked(f"libvirt-base-volumes-{hv.name}", timeout=1800):
             try:
-                complete = self._volume(hv, marker) is not None
+                domain_type = self.domain_type(hv)
+                have = {role: self._volume(hv, src.name) for role, src in base.files_for(domain_type).items()}
+                complete = self._volume(hv, marker) is not None and None not in have.values()
                 if not complete:
                     base = self.base_image()
-                files = (("disk", base.disk), ("kernel", base.kernel), ("initrd", base.initrd))
-                for role, src in files:
-                    vol = self._volume(hv, src.name)
-                    if vol is None or not complete:
+                for role, src in base.files_for(domain_type).items():
+                    vol = have[role]
+                    if not complete:
                         started = time.monotonic()
                         progress(f"libvirt: copying {src.name} ({src.stat().st_size // 2**20} MB) to the storage "
                                  f"pool on {hv.where}")
                         vol = self._store_file(hv, src, src.name)
                         progress(f"libvirt: {src.name} on {hv.name} in {time.monotonic() - started:.1f}s")
                     paths[role] = vol.path()
-                if not complete:
+                if not complete and self._volume(hv, marker) is None:
                     self.pool(hv).createXML(domainxml.render_raw_volume(marker, 0), 0)
                 self._drop_stale_bases(hv, keep=base.digest)
             except lv.libvirtError as err:
