@@ -40,6 +40,22 @@ def load_script():
 SCRIPT = load_script()
 
 
+@pytest.mark.parametrize("key_len", [0, 1, 32, 63, 64, 65, 200])
+@pytest.mark.parametrize("builtin", [True, False], ids=["cpython-sha256", "hashlib-fallback"])
+def test_the_host_signs_as_hmac_does_without_loading_openssl(key_len, builtin, monkeypatch):
+    """booted-callhome's own HMAC-SHA256 (CPython's built-in SHA-256: no libcrypto at boot) is
+    RFC 2104's, for keys shorter, as long as and longer than SHA-256's 64-byte block."""
+    import hashlib
+    import hmac
+
+    if not builtin:  # a Python without _sha256/_sha2: hashlib's
+        real_import = __import__
+        monkeypatch.setattr("builtins.__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                            if name in ("_sha256", "_sha2") else real_import(name, *a, **k))
+    key, message = bytes(range(256))[:key_len] * 1, b"prod|prod-web1|52:54:00:12:34:56|10.77.0.11|1700000000"
+    assert SCRIPT.hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
 @pytest.fixture
 def cfg(tmp_path, monkeypatch):
     return use_config(tmp_path, monkeypatch, CONFIG)[1]

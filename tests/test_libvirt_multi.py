@@ -325,12 +325,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_seed_service_and_the_vm_provision_script_agree_on_their_arguments():
-    """booted-seed passes user, key and hostname as arguments: the provision script in the base image
-    must take them so (the local provider's reads files instead; sharing it left VMs with no user)."""
+    """booted-seed passes user, key and hostname as arguments (set, then the script sourced): the
+    provision script in the base image must take them so (the local provider's reads files instead;
+    sharing it left VMs with no user)."""
     from fabfile.providers.libvirt import image
 
     for name in ("user", "pubkey", "hostname"):
         assert f'read -r {name} < "$mnt/{name}"' in image.SEED_SCRIPT
-    assert '/usr/local/lib/booted/provision "$user" "$pubkey" "$hostname"' in image.SEED_SCRIPT
+    assert 'set -- "$user" "$pubkey" "$hostname"\n    . /usr/local/lib/booted/provision' in image.SEED_SCRIPT
     assert 'user="$1"; pubkey="$2"; hostname="$3"' in image.VM_PROVISION
     assert "/etc/booted/provision" not in image.VM_PROVISION

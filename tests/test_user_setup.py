@@ -9,7 +9,7 @@ import re
 import pytest
 
 from fabfile.hosts.provision import USER_SETUP
-from fabfile.providers.libvirt.image import VM_PROVISION
+from fabfile.providers.libvirt.image import SEED_SCRIPT, VM_PROVISION
 from fabfile.providers.local.provider import HOST_PROVISION
 
 
@@ -32,3 +32,11 @@ def test_user_setup_sets_nothing_the_surrounding_script_uses(script):
     # $user and $pubkey are its inputs, $home its result
     clobbered = (assigned(USER_SETUP) - {"IFS", "home"}) & used
     assert not clobbered, f"USER_SETUP overwrites {sorted(clobbered)} of the script around it"
+
+
+def test_the_vm_provisioning_sourced_by_the_seed_script_sets_nothing_else_it_uses():
+    """booted-seed sources VM_PROVISION (a shell less at every first boot): the provisioning may set
+    the user, key and hostname the seed handed it, and nothing else the seed script reads."""
+    used = set(re.findall(r"\$\{?([A-Za-z_]\w*)", SEED_SCRIPT))
+    clobbered = (assigned(VM_PROVISION) - {"IFS", "user", "pubkey", "hostname"}) & used
+    assert ". /usr/local/lib/booted/provision" in SEED_SCRIPT and not clobbered, sorted(clobbered)

@@ -81,28 +81,42 @@ done
 # Applies the seed disk (see the module docstring). Installed in the base image.
 SEED_SCRIPT = r"""#!/bin/sh
 # booted: apply this VM's identity from its seed disk (made by booted for this VM).
-# Shell builtins where they do: under TCG every process started at boot costs a tenth of a second.
+# Shell builtins where they do: under TCG every process started at boot costs a tenth of a second,
+# and this one is on the way to the network and the call home.
 set -eu
-# by label, read from the disks themselves: udev's /dev/disk/by-label links come seconds later
-i=0
-until dev=$(findfs LABEL=booted-seed 2>/dev/null); do
-    [ "$i" -lt 150 ] || { echo "booted-seed: no seed disk (no file system labelled booted-seed)" >&2; exit 1; }
-    sleep 0.1; i=$((i + 1))
-done
 mnt=/run/booted-seed  # the unit's RuntimeDirectory
-mount -o ro "$dev" "$mnt"
+# booted attaches the seed as the VM's second virtio disk, which booted's initrd has probed: vdb.
+# Else by label, read from the disks themselves (udev's /dev/disk/by-label links come seconds later).
+dev=/dev/vdb
+if mount -t ext4 -o ro "$dev" "$mnt" 2>/dev/null; then
+    [ -r "$mnt/identity" ] || { umount "$mnt"; dev=""; }
+else
+    dev=""
+fi
+if [ -z "$dev" ]; then
+    i=0
+    until dev=$(findfs LABEL=booted-seed 2>/dev/null); do
+        [ "$i" -lt 150 ] || { echo "booted-seed: no seed disk (no file system labelled booted-seed)" >&2; exit 1; }
+        sleep 0.1; i=$((i + 1))
+    done
+    mount -o ro "$dev" "$mnt"
+fi
 read -r new < "$mnt/identity"
 old=""
 if [ -r /etc/booted/seed-identity ]; then read -r old < /etc/booted/seed-identity || true; fi
 if [ "$old" != "$new" ]; then
-    rm -f /etc/ssh/ssh_host_* /etc/booted/callhome.conf /etc/systemd/network/10-booted.network /etc/machine-id
+    rm -f /etc/ssh/ssh_host_* /etc/booted/callhome.conf /etc/systemd/network/10-booted.network
+    # a clone's disk carries its source's machine id; on a first boot from the base image systemd
+    # has just made one from the VM's UUID
+    [ -z "$old" ] || rm -f /etc/machine-id
     cp -a "$mnt/files/." /
     read -r user < "$mnt/user"
     read -r pubkey < "$mnt/pubkey"
     read -r hostname < "$mnt/hostname"
-    /bin/sh /usr/local/lib/booted/provision "$user" "$pubkey" "$hostname"
+    set -- "$user" "$pubkey" "$hostname"
+    . /usr/local/lib/booted/provision
     echo "$hostname" > /proc/sys/kernel/hostname
-    systemd-machine-id-setup >/dev/null 2>&1 || true
+    [ -z "$old" ] || systemd-machine-id-setup >/dev/null 2>&1 || true
     [ -d /etc/booted ] || mkdir -p /etc/booted
     printf '%s\n' "$new" > /etc/booted/seed-identity
 fi
@@ -171,9 +185,10 @@ class BaseImage:
         return {"disk": self.disk, "kernel": booted_kernel, "initrd": self.initrd}
 
 
-# The VM's user and key, applied by booted-seed at first boot with the seed's values as arguments:
-# user, public key, hostname. The libvirt provider's own (the local provider provisions its hosts
-# from files in their overlay, a different interface: sharing its script broke VMs once).
+# The VM's user and key, applied by booted-seed at first boot with the seed's values as arguments
+# (user, public key, hostname), sourced (no shell of its own). The libvirt provider's own (the local
+# provider provisions its hosts from files in their overlay, a different interface: sharing its
+# script broke VMs once).
 VM_PROVISION = r"""
 set -eu
 user="$1"; pubkey="$2"; hostname="$3"
