@@ -134,14 +134,29 @@ def test_the_base_goes_once_to_each_hypervisor_and_again_only_if_its_copy_is_inc
     monkeypatch.setattr(LibvirtProvider, "base_image", lambda self: pytest.fail("the base was built again"))
     world.ensure_base_volumes(hv2)
     assert world.uploads == []
-    # a hypervisor now of another domain type boots another kernel (kernel.py): only what it lacks
-    # makes the base incomplete there; the base is uploaded again, the marker stays one
+    # a hypervisor now of another domain type boots another kernel (kernel.py): only that is copied
     fake_base = world.base_names()
     monkeypatch.setattr(LibvirtProvider, "base_image", lambda self: fake_base)
     monkeypatch.setattr(LibvirtProvider, "domain_type", lambda self, hv: "qemu")
     paths = world.ensure_base_volumes(hv2)
     assert paths["kernel"].endswith("booted-base-0123456789abcdef.vmlinux")
-    assert ("hv2", "booted-base-0123456789abcdef.vmlinux") in world.uploads
+    assert world.uploads == [("hv2", "booted-base-0123456789abcdef.vmlinux")]
+    assert world._volume(hv2, "booted-base-0123456789abcdef.complete") is not None
+    # that copy cut short: the base no longer counts as whole there, and is copied whole next time
+    world._volume(hv2, "booted-base-0123456789abcdef.vmlinux").delete(0)
+    real_store = LibvirtProvider._store_file
+
+    def cut_short(self, hv, src, name, link=True):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(LibvirtProvider, "_store_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        world.ensure_base_volumes(hv2)
+    assert world._volume(hv2, "booted-base-0123456789abcdef.complete") is None
+    monkeypatch.setattr(LibvirtProvider, "_store_file", real_store)
+    world.uploads.clear()
+    world.ensure_base_volumes(hv2)
+    assert sorted(name for _, name in world.uploads) == [f"booted-base-0123456789abcdef.{ext}"
+                                                         for ext in ("initrd", "qcow2", "vmlinux")]
     world.uploads.clear()
     assert world.ensure_base_volumes(hv2) == paths and world.uploads == []
 

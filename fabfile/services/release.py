@@ -342,15 +342,17 @@ def _read_deployments() -> dict:
 
 
 def deployed_version(address: str, service: str) -> str | None:
-    return deployed_versions(service).get(address)
+    return deployed_versions(service, only=address).get(address)
 
 
-def deployed_versions(service: str) -> dict[str, str]:
-    """address -> the version of ``service`` booted last deployed there (one read of the record).
+def deployed_versions(service: str, only: str | None = None) -> dict[str, str]:
+    """address -> the version of ``service`` booted last deployed there (one read of the record;
+    ``only``: just that address, as a worker's own check asks).
 
     Only where the host booted deployed to still answers: an image deleted and built again at the
     same address (new host keys) has had nothing deployed yet, whatever its predecessor ran."""
-    data = {address: entries[service] for address, entries in _read_deployments().items() if service in entries}
+    data = {address: entries[service] for address, entries in _read_deployments().items()
+            if service in entries and only in (None, address)}
     hosts = ssh.pin_ids(data) if data else {}
     return {address: entry["version"] for address, entry in data.items()
             if entry.get("host") and entry.get("host") == hosts.get(address)}

@@ -287,7 +287,9 @@ class LibvirtProvider(Provider):
         Only the files ``hv``'s VMs boot go there (``BaseImage.files_for``: the kernel for its domain
         type). The volumes' names carry the base's digest, and a marker volume ``<base>.complete`` is
         made only after they all arrived whole: a hypervisor has this base iff it has the marker and
-        them (an upload cut short leaves no marker, so it is redone)."""
+        them. Without the marker every file is copied again (an upload cut short leaves none); with it,
+        only a missing one (the other kernel, after the hypervisor's domain type changed), the marker
+        being removed meanwhile."""
         lv = bindings()
         base = self.base_names()  # a hypervisor holding this base needs no copy of it here
         marker = f"booted-base-{base.digest}.complete"
@@ -297,19 +299,21 @@ class LibvirtProvider(Provider):
             try:
                 domain_type = self.domain_type(hv)
                 have = {role: self._volume(hv, src.name) for role, src in base.files_for(domain_type).items()}
-                complete = self._volume(hv, marker) is not None and None not in have.values()
-                if not complete:
+                marked = self._volume(hv, marker)
+                if marked is None or None in have.values():
                     base = self.base_image()
+                if marked is not None and None in have.values():
+                    marked.delete(0)  # a copy cut short below must not count as whole
                 for role, src in base.files_for(domain_type).items():
                     vol = have[role]
-                    if not complete:
+                    if vol is None or marked is None:
                         started = time.monotonic()
                         progress(f"libvirt: copying {src.name} ({src.stat().st_size // 2**20} MB) to the storage "
                                  f"pool on {hv.where}")
                         vol = self._store_file(hv, src, src.name)
                         progress(f"libvirt: {src.name} on {hv.name} in {time.monotonic() - started:.1f}s")
                     paths[role] = vol.path()
-                if not complete and self._volume(hv, marker) is None:
+                if marked is None or None in have.values():
                     self.pool(hv).createXML(domainxml.render_raw_volume(marker, 0), 0)
                 self._drop_stale_bases(hv, keep=base.digest)
             except lv.libvirtError as err:
