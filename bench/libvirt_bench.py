@@ -100,7 +100,7 @@ def booted_run(lab: VmLab, n: int) -> dict:
 def floor_run(lab: VmLab, n: int, work: Path) -> dict:
     """N VMs by hand: qemu-system-x86_64 with the provider's settings, user-mode network, until SSH."""
     from fabfile.providers import load_config, rootfs
-    from fabfile.providers.libvirt import image
+    from fabfile.providers.libvirt import domainxml, image
 
     with lab.activated():
         prov = lab.provider()
@@ -129,11 +129,12 @@ def floor_run(lab: VmLab, n: int, work: Path) -> dict:
                 else "kvm", "-m", str(settings["memory_mb"]), "-smp", str(settings["cpus"]),
                 "-nodefaults", "-display", "none", "-serial", f"file:{work / f'floor{i}.console'}",
                 "-kernel", str(boots["kernel"]), "-initrd", str(boots["initrd"]),
-                "-append", "root=/dev/vda rw console=ttyS0 quiet",
+                "-append", domainxml.vm_cmdline(seed.address, seed.prefixlen, seed.gateway, seed.mac),
                 "-drive", f"file={disk},if=virtio,format=qcow2",
                 "-drive", f"file={seed_img},if=virtio,format=raw,readonly=on",
                 "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
                 "-device", f"virtio-net-pci,netdev=n0,mac={seed.mac}",
+                "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0",
             ]
             procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, start_new_session=True))

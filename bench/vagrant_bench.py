@@ -3,16 +3,18 @@
 
     python3 bench/vagrant_bench.py [--keep-lab]      # as root; about 15 minutes under TCG
 
-Same machine, same run, same base image, same VM settings (kernel, initrd, command line, memory,
-CPUs, virtio disk, libvirt driver):
+Same machine, same run, same base image, same VM settings (kernel, initrd, memory, CPUs, virtio
+disk, virtio random number device, libvirt driver):
 
 * booted: the three images built beforehand (stopped: volumes and booted's records), then ``fab env-start-all`` timed
   until it returns with the load balancer serving (it checks that itself; the bench checks again).
 * Vagrant 2.3 with vagrant-libvirt 0.11 (Debian's packages): the base image packaged as a local box
   (``bench/peers/vagrant/``: the box is the same file system plus what a Vagrant box needs: DHCP on
   any NIC, a login key for root, host keys made at first boot, booted's own seed and call-home units
-  off), ``vagrant up --no-provision`` then ``vagrant halt`` beforehand (domains defined, box volume
-  in the pool, stopped), then ``vagrant up --provision`` timed until a GET through the load balancer
+  off; booted's kernel command line without the VM's address, so udev and networkd run and DHCP
+  configures the NIC: vagrant-libvirt learns a VM's address from its DHCP lease),
+  ``vagrant up --no-provision`` then ``vagrant halt`` beforehand (domains defined, box volume in
+  the pool, stopped), then ``vagrant up --provision`` timed until a GET through the load balancer
   answers 200 from both workers. Its shell provisioner installs the same hello release booted
   deploys and points nginx at the workers.
 
@@ -156,6 +158,8 @@ class VagrantPeer:
     def prepare(self, base, hello_tarball: Path, settings: dict) -> None:
         import libvirt
 
+        from fabfile.providers.libvirt import domainxml
+
         key = self.work / "id_ed25519"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "booted-vagrant-bench", "-f", str(key)])
         box = make_box(base.disk, (self.work / "id_ed25519.pub").read_text().strip(), self.work)
@@ -189,7 +193,7 @@ class VagrantPeer:
         (self.work / "settings.json").write_text(json.dumps({
             "box": BOX, "boot_timeout_s": 900, "ssh_key": str(key), "driver": settings["driver"],
             "memory_mb": settings["memory_mb"], "cpus": settings["cpus"], "kernel": str(boot["kernel"]),
-            "initrd": str(boot["initrd"]), "cmdline": "root=/dev/vda rw console=ttyS0 quiet", "pool": self.tag,
+            "initrd": str(boot["initrd"]), "cmdline": domainxml.BASE_CMDLINE, "pool": self.tag,
             "network": self.tag, "network_address": self.network_address, "prefix": f"{self.tag}-",
             "vms": self.vms, "hello_tarball": str(hello_tarball)}))
         run(["vagrant", "box", "add", "--name", BOX, str(box)], env=self.env, capture_output=True)

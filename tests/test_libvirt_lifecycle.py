@@ -97,6 +97,9 @@ def test_build_makes_a_stopped_vm_with_its_own_disks_mac_and_address_and_no_doma
     assert [Path(d).name for d in facts.disks] == [f"{name}.qcow2", f"{name}.seed"]
     xml = dom_xml(world, "vm-w1")
     assert "booted-base-0123456789abcdef.vmlinuz</kernel>" in xml and '<source bridge="btstlv0" />' in xml
+    # booted's initrd gives the VM its address from the kernel command line (no networkd at boot)
+    assert (f"<cmdline>root=/dev/vda rw console=ttyS0 quiet net.ifnames=0 booted.ip=10.201.7.2/28 "
+            f"booted.gw=10.201.7.1 booted.mac={machine.macs[0]}</cmdline>") in xml
     # the base image went to the pool once; the seed carries this VM's identity and call-home config
     assert set(world.uploads) == {"booted-base-0123456789abcdef.qcow2", "booted-base-0123456789abcdef.vmlinuz",
                                   "booted-base-0123456789abcdef.initrd", f"{name}.seed"}
@@ -319,6 +322,38 @@ def test_domain_xml_tcg_cache_only_for_tcg_and_record_round_trips():
     facts = domainxml.parse_domain(xml)
     assert facts.record == plan().record and facts.macs == ["52:54:00:00:00:01"] and facts.console_log == "/p/c.log"
     assert facts.disks == ["/p/d.qcow2", "/p/d.seed"] and facts.memory_kib == 512 * 1024
+
+
+def test_domain_xml_gives_every_vm_a_random_number_device_from_the_host():
+    import xml.etree.ElementTree as ET
+
+    for domain_type in ("qemu", "kvm"):
+        rng = ET.fromstring(domainxml.render_domain(plan(domain_type=domain_type))).find("./devices/rng")
+        assert rng.get("model") == "virtio" and rng.find("backend").get("model") == "random"
+        assert rng.find("backend").text == "/dev/urandom"
+
+
+@pytest.mark.parametrize("address, prefixlen, gateway, mac, expected", [
+    ("10.0.0.2", 24, "10.0.0.1", "52:54:00:00:00:01",
+     "root=/dev/vda rw console=ttyS0 quiet net.ifnames=0 booted.ip=10.0.0.2/24 booted.gw=10.0.0.1 booted.mac=52:54:00:00:00:01"),
+    ("192.168.7.14", 28, "192.168.7.1", "52:54:00:ab:cd:ef",
+     "root=/dev/vda rw console=ttyS0 quiet net.ifnames=0 booted.ip=192.168.7.14/28 booted.gw=192.168.7.1 "
+     "booted.mac=52:54:00:ab:cd:ef"),
+    ("10.0.0.2 init=/bin/sh", 24, "10.0.0.1", "52:54:00:00:00:01", ValueError),  # no extra kernel arguments
+    ("10.0.0.2", 24, "10.0.0.1 init=/bin/sh", "52:54:00:00:00:01", ValueError),
+    ("10.0.0.2", 24, "10.0.0.1", "52:54:00:00:00:01 init=/bin/sh", ValueError),
+    ("10.0.0.2", 24, "10.0.1.1", "52:54:00:00:00:01", ValueError),  # gateway off the VM's subnet
+    ("10.0.0.1", 24, "10.0.0.1", "52:54:00:00:00:01", ValueError),  # the gateway's own address
+    ("10.0.0.2", 31, "10.0.0.3", "52:54:00:00:00:01", ValueError),
+    ("fd00::2", 64, "fd00::1", "52:54:00:00:00:01", ValueError),
+    ("10.0.0.2", 24, "10.0.0.1", "52:54:00:00:00:0G", ValueError),
+])
+def test_vm_kernel_command_line_carries_only_a_checked_address(address, prefixlen, gateway, mac, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            domainxml.vm_cmdline(address, prefixlen, gateway, mac)
+    else:
+        assert domainxml.vm_cmdline(address, prefixlen, gateway, mac) == expected
 
 
 def test_domain_xml_refuses_a_bad_mac():

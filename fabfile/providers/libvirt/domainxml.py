@@ -7,6 +7,7 @@ manuals (libvirt.org/formatdomain.html, libvirt.org/formatstorage.html).
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -17,6 +18,21 @@ METADATA_KEY = "booted"
 ET.register_namespace(METADATA_KEY, NAMESPACE)
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+# The kernel command line of VMs that boot booted's initrd (initrd.INIT).
+BASE_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
+
+
+def vm_cmdline(address: str, prefixlen: int, gateway: str, mac: str) -> str:
+    """BASE_CMDLINE plus the VM's static address, which booted's initrd configures. ValueError if
+    a value is not an IPv4 address, prefix length, gateway on that subnet or MAC address: they go
+    into the domain XML and are read by the initrd's shell. net.ifnames=0: the NIC keeps the
+    kernel's name, already configured (udev cannot rename an interface that is up)."""
+    ip = ipaddress.IPv4Interface(f"{address}/{int(prefixlen)}")
+    gw = ipaddress.IPv4Address(gateway)
+    if not 8 <= ip.network.prefixlen <= 30 or gw not in ip.network or gw == ip.ip:
+        raise ValueError(f"{ip} with gateway {gw} is not an address booted gives a VM")
+    return f"{BASE_CMDLINE} net.ifnames=0 booted.ip={ip} booted.gw={gw} booted.mac={check_mac(mac)}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,7 @@ class DomainPlan:
     record: HostRecord
     tcg_cache_mb: int = 64
     uuid: str = ""  # the VM's, kept from build to build ("": libvirt makes one)
-    cmdline: str = "root=/dev/vda rw console=ttyS0 quiet"
+    cmdline: str = BASE_CMDLINE  # with the VM's address: vm_cmdline
     extra: dict = field(default_factory=dict)
     cdrom: str = ""  # an ISO attached as a CD-ROM (the install DVD while a kickstart install runs)
     on_reboot: str = "restart"  # "destroy" while installing: a reboot ends the install instead of rerunning it
@@ -127,6 +143,10 @@ def render_domain(plan: DomainPlan) -> str:
     # and a device to emulate for nothing.
     ET.SubElement(devices, "controller", {"type": "usb", "model": "none"})
     ET.SubElement(devices, "memballoon", {"model": "none"})
+    # Randomness from the host's /dev/urandom: a VM's kernel otherwise gathers it from interrupt
+    # timings, 9-10 s into a TCG boot, and journald and sysinit.target wait for it (initrd.py).
+    rng = ET.SubElement(devices, "rng", {"model": "virtio"})
+    ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
     nic = ET.SubElement(devices, "interface", {"type": "bridge"})
     ET.SubElement(nic, "source", {"bridge": plan.bridge})
     ET.SubElement(nic, "mac", {"address": plan.mac})

@@ -9,7 +9,8 @@ without hardware virtualisation: kernel.py) and booted's own initrd (initrd.py) 
 directly; each VM is a copy-on-write overlay over it.
 
 Seed disk: a small ext4 file system labelled ``booted-seed``, made per VM and attached read-only.
-It carries the VM's identity: hostname, static address (a systemd-networkd file for its MAC),
+It carries the VM's identity: hostname, static address (a systemd-networkd file for its MAC, for
+boots without booted's initrd, which configures it from the kernel command line),
 booted's SSH public key, and the call-home config with the host's own key. The base image's
 ``booted-seed.service`` applies it before networking and sshd start; when the seed's identity id
 differs from the one applied last (a clone's first boot), it first removes the host keys and
@@ -36,7 +37,7 @@ from fabfile.providers.libvirt import initrd, kernel
 from fabfile.providers.rootfs import SSHD_OWN_KEY_CONFIG, SSHD_OWN_KEY_DROPIN, HostKey, own_host_key_config
 
 # Bump when the recipe below changes: image-build then rebuilds the cached VM base image.
-RECIPE_VERSION = "5"
+RECIPE_VERSION = "6"
 SEED_LABEL = "booted-seed"
 SEED_SIZE = 4 * 1024 * 1024
 
@@ -69,6 +70,9 @@ systemctl mask systemd-resolved.service e2scrub_reap.service e2scrub_all.timer a
     systemd-network-generator.service systemd-pstore.service systemd-update-utmp.service \
     systemd-update-utmp-runlevel.service systemd-journal-flush.service systemd-sysusers.service \
     systemd-remount-fs.service >/dev/null 2>&1 || true
+# booted logs in without a terminal: no message of the day, which Debian's pam_motd makes afresh at
+# every SSH login (run-parts over /etc/update-motd.d: four processes on the way to each deploy)
+sed -i '/pam_motd\.so/d' /etc/pam.d/sshd
 # generators run at every boot, one process each; only the fstab one has work here (systemd.generator(7):
 # a link to /dev/null in /etc masks one)
 mkdir -p /etc/systemd/system-generators
@@ -146,6 +150,17 @@ UDEV_TRIGGER_DROPIN = ("[Service]\nExecStart=\n"
                        "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=block "
                        "--subsystem-match=net\n")
 
+# What booted's initrd does for a VM that boots it with its address on the kernel command line
+# (domainxml.vm_cmdline): the drivers of the VM's devices loaded, its NIC given the static address.
+# Then neither udev nor networkd start (with their sockets, coldplug and wait-online): on a TCG VM
+# they took 2.5 s of CPU and sat on the way to sysinit.target and the network. A VM booted another
+# way (its disk with its own initrd, as a Vagrant box of this image is) runs both, and networkd
+# gives it the address from the seed's file.
+INITRD_DID_DROPIN = "[Unit]\nConditionKernelCommandLine=!booted.ip\n"
+INITRD_DID_UNITS = ("systemd-networkd.service", "systemd-networkd.socket", "systemd-networkd-wait-online.service",
+                    "systemd-udevd.service", "systemd-udevd-control.socket", "systemd-udevd-kernel.socket",
+                    "systemd-udev-trigger.service")
+
 SEED_UNIT = """[Unit]
 Description=booted: apply this VM's identity from its seed disk
 DefaultDependencies=no
@@ -202,7 +217,7 @@ def base_digest(rootfs_marker: str, disk_mb: int) -> str:
     text = json.dumps({"rootfs": rootfs_marker, "recipe": RECIPE_VERSION, "customize": VM_CUSTOMIZE,
                        "seed": SEED_SCRIPT + SEED_UNIT + VM_PROVISION, "disk_mb": disk_mb,
                        "vm": SSHD_OWN_KEY_DROPIN + SSHD_OWN_KEY_CONFIG + MODPROBE_BLACKLIST + ACPI_POWER_BUTTON + SSH_UNIT_DROPIN
-                       + UDEV_TRIGGER_DROPIN,
+                       + UDEV_TRIGGER_DROPIN + INITRD_DID_DROPIN + ",".join(INITRD_DID_UNITS),
                        "initrd": initrd.INIT + ",".join(initrd.VM_MODULES),
                        "firstboot": callhome.SCRIPT.read_text() + callhome.UNIT.read_text()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -314,6 +329,8 @@ def _install_files(root: Path, provision_script: str) -> None:
     files["/etc/acpi/events/booted-power-button"] = (ACPI_POWER_BUTTON, 0o644)
     files["/etc/systemd/system/ssh.service.d/booted-vm.conf"] = (SSH_UNIT_DROPIN, 0o644)
     files["/etc/systemd/system/systemd-udev-trigger.service.d/booted-vm.conf"] = (UDEV_TRIGGER_DROPIN, 0o644)
+    for unit in INITRD_DID_UNITS:
+        files[f"/etc/systemd/system/{unit}.d/booted-initrd.conf"] = (INITRD_DID_DROPIN, 0o644)
     write_tree(root, files)
 
 

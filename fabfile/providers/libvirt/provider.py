@@ -611,6 +611,7 @@ class LibvirtProvider(Provider):
                 initrd=base["initrd"], disk=overlay.path(), seed=seed.path(), bridge=self.bridge_on(hv),
                 mac=record.mac, console_log=str(self.storage_dir / f"{dom_name}.console.log"), record=record,
                 tcg_cache_mb=int(self.settings["tcg_cache_mb"]),
+                cmdline=domainxml.vm_cmdline(record.address, self.subnet.prefixlen, self.subnet.gateway, record.mac),
             )
             return domainxml.render_domain(plan)
         except lv.libvirtError as err:
