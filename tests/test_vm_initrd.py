@@ -4,7 +4,9 @@ The VMs that boot it are the libvirt tiers' (tests/test_libvirt_vms.py, tests/te
 """
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -114,3 +116,71 @@ def test_an_image_the_initrd_cannot_be_made_from_is_a_one_line_error(tmp_path, d
     root = _image_root(tmp_path, dep, busybox=busybox)
     with pytest.raises(ProviderError, match=message):
         image._own_initrd(root, "6.1.0-test-amd64")
+
+
+# The init's own network step, run for real under busybox in a chroot. /bin/busybox there is a
+# process-boundary fake: it records every call and does nothing for the ones that would touch the
+# machine (mount, insmod, ip, switch_root...); the rest (the shell, read, echo, test) is busybox's.
+FAKE_BUSYBOX = """#!/real/busybox sh
+echo "$*" >> /calls
+case "$1" in
+    mount|umount|insmod|ip|switch_root|poweroff|usleep|sleep) exit 0 ;;
+esac
+exec /real/busybox "$@"
+"""
+MAC = "52:54:00:12:34:56"
+NET = ["ip link set dev eth0 up", "ip addr add 10.9.0.5/24 dev eth0", "ip route add default via 10.9.0.1 dev eth0"]
+
+
+def _run_init(tmp_path: Path, cmdline: str) -> tuple[list[str], str, Path]:
+    root = tmp_path / "initrd"
+    for d in ("bin", "real", "etc", "dev", "root", "proc/sys/net/ipv6/conf/eth0", "proc/sys/net/ipv6/conf/lo",
+              "sys/class/net/eth0", "sys/class/net/lo"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, root / "real/busybox")  # busybox picks its applet by its own name
+    (root / "bin/busybox").write_text(FAKE_BUSYBOX)
+    (root / "bin/busybox").chmod(0o755)
+    (root / "init").write_text(initrd.INIT)
+    (root / "etc/modules-order").write_text("")
+    (root / "proc/cmdline").write_text(cmdline + "\n")
+    (root / "sys/class/net/eth0/address").write_text(MAC + "\n")
+    (root / "sys/class/net/lo/address").write_text("00:00:00:00:00:00\n")
+    for conf in ("eth0", "lo"):
+        for name, value in (("addr_gen_mode", "0"), ("accept_ra", "1")):
+            (root / f"proc/sys/net/ipv6/conf/{conf}/{name}").write_text(value + "\n")
+    (root / "dev/console").write_text("")
+    (root / "booted.gw=10.9.0.1").write_text("")
+    os.mknod(root / "dev/vda", stat.S_IFBLK | 0o600, os.makedev(254, 0))
+    done = subprocess.run(["chroot", str(root), "/real/busybox", "sh", "/init"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = (root / "calls").read_text().splitlines()
+    assert calls[-1] == "switch_root /root /sbin/init"  # whatever the network step said, the VM boots on
+    return [c for c in calls if c.startswith("ip ")], (root / "dev/console").read_text(), root
+
+
+needs_root_and_busybox = pytest.mark.skipif(not Path(BUSYBOX).exists() or os.geteuid() != 0,
+                                            reason="needs busybox-static and root (chroot, mknod)")
+
+
+@needs_root_and_busybox
+@pytest.mark.parametrize("cmdline, expected_ip, console", [
+    (f"root=/dev/vda rw quiet net.ifnames=0 booted.ip=10.9.0.5/24 booted.gw=10.9.0.1 booted.mac={MAC}", NET, ""),
+    ("root=/dev/vda rw console=ttyS0 quiet", [], ""),  # no address given: networkd's job, from the seed
+    ("root=/dev/vda booted.ip=10.9.0.5/24 booted.gw=10.9.0.1 booted.mac=52:54:00:00:00:99", [],
+     "booted initrd: no network interface has the MAC address 52:54:00:00:00:99\n"),
+    (f"root=/dev/vda booted.ip=10.9.0.5/24;poweroff booted.gw=10.9.0.1 booted.mac={MAC}", [],
+     f"booted initrd: ignoring a malformed booted.ip/booted.gw/booted.mac: 10.9.0.5/24;poweroff 10.9.0.1 {MAC}\n"),
+    # a pattern is not expanded: the init's folder holds a file the pattern would match
+    (f"root=/dev/vda booted.ip=10.9.0.5/24 booted.gw=10.9.0.? booted.mac={MAC}", [],
+     f"booted initrd: ignoring a malformed booted.ip/booted.gw/booted.mac: 10.9.0.5/24 10.9.0.? {MAC}\n"),
+    (f"root=/dev/vda booted.ip=10.9.0.5/24 booted.mac={MAC}", [],
+     f"booted initrd: ignoring a malformed booted.ip/booted.gw/booted.mac: 10.9.0.5/24  {MAC}\n"),
+], ids=["address", "none", "no-such-mac", "injection", "pattern", "no-gateway"])
+def test_the_init_gives_the_nic_with_that_mac_its_address_or_says_why_not(tmp_path, cmdline, expected_ip, console):
+    ip_calls, said, root = _run_init(tmp_path, cmdline)
+    assert ip_calls == expected_ip and said == console
+    configured = bool(expected_ip)
+    # as networkd's file did: no IPv6 link-local address, no router advertisements
+    assert (root / "proc/sys/net/ipv6/conf/eth0/addr_gen_mode").read_text().strip() == ("1" if configured else "0")
+    assert (root / "proc/sys/net/ipv6/conf/eth0/accept_ra").read_text().strip() == ("0" if configured else "1")
