@@ -28,11 +28,24 @@ def vm_cmdline(address: str, prefixlen: int, gateway: str, mac: str) -> str:
     a value is not an IPv4 address, prefix length, gateway on that subnet or MAC address: they go
     into the domain XML and are read by the initrd's shell. net.ifnames=0: the NIC keeps the
     kernel's name, already configured (udev cannot rename an interface that is up)."""
-    ip = ipaddress.IPv4Interface(f"{address}/{int(prefixlen)}")
-    gw = ipaddress.IPv4Address(gateway)
-    if not 8 <= ip.network.prefixlen <= 30 or gw not in ip.network or gw == ip.ip:
-        raise ValueError(f"{ip} with gateway {gw} is not an address booted gives a VM")
+    ip = ipaddress.IPv4Interface(f"{check_ipv4(address, 'address')}/{check_prefixlen(prefixlen)}")
+    gw = ipaddress.IPv4Address(check_ipv4(gateway, "gateway"))
+    if gw not in ip.network or gw == ip.ip:
+        raise ValueError(f"gateway {gw} is not another address on {ip.network}")
     return f"{BASE_CMDLINE} net.ifnames=0 booted.ip={ip} booted.gw={gw} booted.mac={check_mac(mac)}"
+
+
+def check_ipv4(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"{what} is not an IPv4 address: {value!r}") from None
+
+
+def check_prefixlen(prefixlen: int) -> int:
+    if not isinstance(prefixlen, int) or not 8 <= prefixlen <= 30:
+        raise ValueError(f"prefix length {prefixlen} is not one booted gives a VM subnet (8-30)")
+    return prefixlen
 
 
 @dataclass(frozen=True)

@@ -143,8 +143,8 @@ SSH_UNIT_DROPIN = "[Service]\nExecStartPre=\n"
 
 # udev's coldplug at boot replays every device's "add" (hundreds: ACPI, PCI, CPUs, memory blocks,
 # 90 ttys), each through udev's rules: seconds of a TCG VM's one CPU while its services start.
-# booted's VMs need only disks (systemd's device units) and the NIC (networkd waits for udev to
-# have named it); the modules coldplug loaded for other devices are in booted's initrd
+# Where udev runs at all (a boot without booted's initrd: INITRD_DID_UNITS), the VM needs only
+# disks (systemd's device units) and the NIC (networkd waits for udev to have named it); the modules coldplug loaded for other devices are in booted's initrd
 # (initrd.DEVICE_MODULES). Debian's unit runs `udevadm trigger --type=all --action=add`.
 UDEV_TRIGGER_DROPIN = ("[Service]\nExecStart=\n"
                        "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=block "

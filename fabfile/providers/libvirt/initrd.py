@@ -1,10 +1,11 @@
-"""booted's own initrd for its VMs: busybox, the modules that reach the root disk, a 20-line init.
+"""booted's own initrd for its VMs: busybox, the drivers of the VM's devices, a short init.
 
 Debian's initramfs-tools initrd starts udev, triggers every device and waits for it to settle
 before it mounts the root file system: under QEMU's TCG (no hardware virtualization here) that
-took 3.5-4 s of each VM's boot. This one loads virtio and ext4 in dependency order, mounts the
-root disk named by ``root=`` on the kernel command line, and hands over to systemd: 0.3-0.6 s.
-udev runs once, in the booted system.
+took 3.5-4 s of each VM's boot. This one loads virtio and ext4 (and the drivers of the VM's
+other devices) in dependency order, gives the NIC the address on the kernel command line, mounts
+the root disk named by ``root=`` there, and hands over to systemd. Booted this way, the VM runs
+no udev at all (image.INITRD_DID_UNITS).
 
 The archive is the kernel's initramfs format, cpio "newc" (kernel docs:
 filesystems/ramfs-rootfs-initramfs, early-userspace/buffer-format), uncompressed. Pure: the
@@ -16,14 +17,14 @@ import io
 import stat
 from collections.abc import Iterable
 
-# What the init needs to reach an ext4 root on a virtio disk; the rest loads later, from the root.
+# What the init needs to reach an ext4 root on a virtio disk.
 ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
-# What udev's coldplug used to load, before a VM's coldplug was narrowed to disks and network
-# (image.UDEV_TRIGGER_DROPIN): the NIC's driver, and the ACPI power button with the event device
-# acpid reads it from (image-stop's clean shutdown). And the VM's random number device
-# (domainxml: virtio-rng), loaded first thing so that the kernel's random pool is ready when
-# systemd starts: without it the pool filled only from interrupt timings, 9-10 s into a TCG boot,
-# and journald, systemd-random-seed (sysinit.target) and sshd's first key exchange waited for it.
+# The drivers of the VM's other devices, which udev's coldplug loaded before (no udev runs on a boot
+# of this initrd): the NIC's, the ACPI power button's with the event device acpid reads it from
+# (image-stop's clean shutdown), and the random number device's (domainxml: virtio-rng), so that
+# the kernel's random pool is ready when systemd starts: without it the pool filled only from
+# interrupt timings, 9-10 s into a TCG boot, and journald and systemd-random-seed
+# (sysinit.target) waited for it.
 DEVICE_MODULES = ("virtio_rng", "virtio_net", "button", "evdev")
 # All the VM initrd loads, in this order (dependencies resolved by load_order).
 VM_MODULES = ROOT_MODULES + DEVICE_MODULES
@@ -84,6 +85,7 @@ $bb umount /proc
 $bb mount --move /dev /root/dev
 exec $bb switch_root /root /sbin/init
 """
+
 
 def load_order(modules_dep: str, wanted: Iterable[str]) -> list[str]:
     """Module paths (as modules.dep names them) to insmod, dependencies first, each once.

@@ -29,7 +29,7 @@ from fabfile.core.state import locked, state_path
 from fabfile.hosts import callhome
 from fabfile.providers import kickstart
 from fabfile.providers.libvirt import domainxml
-from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord, check_mac
+from fabfile.providers.libvirt.domainxml import DomainPlan, HostRecord, check_ipv4, check_mac, check_prefixlen
 from fabfile.providers.libvirt.hypervisor import Hypervisor, bindings
 from fabfile.providers.libvirt.records import Placed, Vm
 
@@ -44,13 +44,6 @@ _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 # --------------------------------------------------------------------------- plans (pure)
-def _ipv4(value: str, what: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(value))
-    except ValueError:
-        raise ValueError(f"{what} is not an IPv4 address: {value!r}") from None
-
-
 def _hostname(value: str) -> str:
     if not _HOSTNAME.fullmatch(value):
         raise ValueError(f"not a host name: {value!r}")
@@ -58,9 +51,7 @@ def _hostname(value: str) -> str:
 
 
 def netmask(prefixlen: int) -> str:
-    if not 8 <= prefixlen <= 30:
-        raise ValueError(f"prefix length {prefixlen} is not one booted gives a VM subnet (8-30)")
-    return str(ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
+    return str(ipaddress.IPv4Network(f"0.0.0.0/{check_prefixlen(prefixlen)}").netmask)
 
 
 def installer_cmdline(ks_url: str, address: str, prefixlen: int, gateway: str, hostname: str, mac: str) -> str:
@@ -70,7 +61,7 @@ def installer_cmdline(ks_url: str, address: str, prefixlen: int, gateway: str, h
         "inst.repo=cdrom",
         "inst.text",
         # dracut: ip=<client>::<gateway>:<netmask>:<hostname>:<interface>:none, and name the NIC by its MAC
-        f"ip={_ipv4(address, 'address')}::{_ipv4(gateway, 'gateway')}:{netmask(prefixlen)}:{_hostname(hostname)}"
+        f"ip={check_ipv4(address, 'address')}::{check_ipv4(gateway, 'gateway')}:{netmask(prefixlen)}:{_hostname(hostname)}"
         f":{BOOT_NIC}:none",
         f"ifname={BOOT_NIC}:{check_mac(mac)}",
         "console=ttyS0,115200n8",
@@ -80,8 +71,8 @@ def installer_cmdline(ks_url: str, address: str, prefixlen: int, gateway: str, h
 
 def network_line(mac: str, address: str, prefixlen: int, gateway: str, hostname: str) -> str:
     """The kickstart's network command: the installed system keeps the address the installer had."""
-    return (f"network --device={check_mac(mac)} --bootproto=static --ip={_ipv4(address, 'address')} "
-            f"--netmask={netmask(prefixlen)} --gateway={_ipv4(gateway, 'gateway')} --onboot=on --activate "
+    return (f"network --device={check_mac(mac)} --bootproto=static --ip={check_ipv4(address, 'address')} "
+            f"--netmask={netmask(prefixlen)} --gateway={check_ipv4(gateway, 'gateway')} --onboot=on --activate "
             f"--hostname={_hostname(hostname)}")
 
 

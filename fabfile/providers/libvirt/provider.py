@@ -300,20 +300,22 @@ class LibvirtProvider(Provider):
                 domain_type = self.domain_type(hv)
                 have = {role: self._volume(hv, src.name) for role, src in base.files_for(domain_type).items()}
                 marked = self._volume(hv, marker)
-                if marked is None or None in have.values():
+                # without the marker nothing there counts (a copy cut short); with it, only what is missing
+                to_copy = [role for role, vol in have.items() if vol is None or marked is None]
+                if to_copy:
                     base = self.base_image()
-                if marked is not None and None in have.values():
-                    marked.delete(0)  # a copy cut short below must not count as whole
+                    if marked is not None:
+                        marked.delete(0)  # a copy cut short below must not count as whole
                 for role, src in base.files_for(domain_type).items():
                     vol = have[role]
-                    if vol is None or marked is None:
+                    if role in to_copy:
                         started = time.monotonic()
                         progress(f"libvirt: copying {src.name} ({src.stat().st_size // 2**20} MB) to the storage "
                                  f"pool on {hv.where}")
                         vol = self._store_file(hv, src, src.name)
                         progress(f"libvirt: {src.name} on {hv.name} in {time.monotonic() - started:.1f}s")
                     paths[role] = vol.path()
-                if marked is None or None in have.values():
+                if to_copy:
                     self.pool(hv).createXML(domainxml.render_raw_volume(marker, 0), 0)
                 self._drop_stale_bases(hv, keep=base.digest)
             except lv.libvirtError as err:
